@@ -1,0 +1,131 @@
+"""The `pixel-diffusers` command line: generate images, convert upstream checkpoints, run the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _image_grid(images, columns: int):
+    from PIL import Image
+
+    rows = (len(images) + columns - 1) // columns
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def _generate(pipeline, prompts, args, output: Path) -> list[Path]:
+    import torch
+
+    output.mkdir(parents=True, exist_ok=True)
+    images = pipeline(
+        prompts,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        num_images_per_prompt=args.images_per_prompt,
+        generator=torch.Generator().manual_seed(args.seed),
+    ).images
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(output / f"image_{index:03d}.png")
+        image.save(paths[-1])
+    grid_path = output / "grid.png"
+    _image_grid(images, columns=min(len(images), 4)).save(grid_path)
+    return paths + [grid_path]
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from pixel_diffusers import PixelHDMPipeline
+
+    pipeline = PixelHDMPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
+    pipeline.to(args.device)
+    for path in _generate(pipeline, args.prompt, args, Path(args.output_dir)):
+        print(path)
+
+
+def cmd_demo(args) -> None:
+    from pixel_diffusers import PixelHDMPipeline
+    from pixel_diffusers.testing import make_tiny_pixelhdm_pipeline
+
+    output = Path(args.output_dir)
+    model_dir = output / "tiny-pixelhdm"
+    make_tiny_pixelhdm_pipeline(seed=0).save_pretrained(model_dir)
+    print(f"saved an untrained tiny PixelHDM pipeline to {model_dir}")
+    pipeline = PixelHDMPipeline.from_pretrained(model_dir)
+    for path in _generate(pipeline, args.prompt, args, output / "images"):
+        print(path)
+
+
+def cmd_convert(args) -> None:
+    from pixel_diffusers.conversion import convert_pixelhdm_checkpoint
+
+    model, report = convert_pixelhdm_checkpoint(args.src, use_ema=not args.no_ema, preset=args.preset)
+    model.save_pretrained(args.dst)
+    print(report)
+    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.dst}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixel-diffusers", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_sampling_arguments(sub, default_prompts, height, steps):
+        sub.add_argument("--prompt", nargs="+", default=default_prompts, help="one or more prompts")
+        sub.add_argument("--negative-prompt", default=None)
+        sub.add_argument("--height", type=int, default=height)
+        sub.add_argument("--width", type=int, default=height)
+        sub.add_argument("--steps", type=int, default=steps, help="number of inference steps")
+        sub.add_argument("--guidance-scale", type=float, default=4.0)
+        sub.add_argument("--images-per-prompt", type=int, default=1)
+        sub.add_argument("--seed", type=int, default=0)
+
+    generate = commands.add_parser("generate", help="generate images with a saved PixelHDM pipeline")
+    generate.add_argument("--model", required=True, help="a local pipeline folder or a Hub repo id")
+    generate.add_argument("--output-dir", default="generated")
+    generate.add_argument("--dtype", choices=DTYPES, default="float32")
+    generate.add_argument("--device", default="cpu")
+    add_sampling_arguments(generate, ["a red circle on a blue background"], 512, 30)
+    generate.set_defaults(func=cmd_generate)
+
+    demo = commands.add_parser(
+        "demo", help="save an untrained tiny PixelHDM pipeline, load it back and generate (offline, seconds)"
+    )
+    demo.add_argument("--output-dir", default="demo_output")
+    add_sampling_arguments(
+        demo,
+        ["a red circle on a blue background", "a green square on a white background",
+         "a blue triangle on a yellow background", "a white circle on a black background"],
+        64,
+        8,
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    convert = commands.add_parser("convert", help="convert an upstream checkpoint into a pixel_diffusers model")
+    systems = convert.add_subparsers(dest="system", required=True)
+    pixelhdm = systems.add_parser("pixelhdm", help="an upstream PixelHDM .pt/.pth/.safetensors checkpoint")
+    pixelhdm.add_argument("src", help="the upstream checkpoint file")
+    pixelhdm.add_argument("dst", help="the folder to save the converted PixelHDMTransformer2DModel to")
+    pixelhdm.add_argument("--no-ema", action="store_true", help="convert the raw weights instead of the EMA ones")
+    pixelhdm.add_argument("--preset", default=None, help="the architecture preset when the checkpoint has no config")
+    pixelhdm.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,161 @@
+"""Hugging Face Hub integration: loading our pipelines through diffusers, and pushing them with our model cards."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+import tempfile
+from pathlib import Path
+
+import diffusers
+from diffusers.pipelines import pipeline_utils
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+
+PACKAGE = "pixel_diffusers"
+
+
+def _is_ours(library: object) -> bool:
+    return isinstance(library, str) and (library == PACKAGE or library.startswith(PACKAGE + "."))
+
+
+def _exempt_our_components(check):
+    """Wraps diffusers' custom-component check so that components from this package pass it.
+
+    `DiffusionPipeline.download` accepts a component library only if it is diffusers, transformers, a module shipped
+    as a file in the repository, or a diffusers pipeline module. Whenever a file listing of the repository exists
+    (online, or offline from the `trees/` listing newer huggingface_hub caches) every `pixel_diffusers.*` component
+    fails that check, although the library is installed and imported. The wrapper hides our (already imported)
+    components from the check; everything else, including remote-code components, is checked as before.
+    """
+
+    @functools.wraps(check)
+    def checked(pretrained_model_name, config_dict, *args, **kwargs):
+        config_dict = {
+            key: [None, value[1]] if isinstance(value, list) and _is_ours(value[0]) else value
+            for key, value in config_dict.items()
+        }
+        return check(pretrained_model_name, config_dict, *args, **kwargs)
+
+    checked.__pixel_diffusers_exempt__ = True
+    return checked
+
+
+def register_with_diffusers(*pipeline_classes: type) -> None:
+    """Lets `diffusers.DiffusionPipeline.from_pretrained` load our pipelines, from folders and from Hub repo ids.
+
+    diffusers resolves a `model_index.json` `_class_name` in its own namespace only, so the classes are exposed
+    there; and the custom-component check of `DiffusionPipeline.download` is taught to accept our components.
+    """
+    for cls in pipeline_classes:
+        setattr(diffusers, cls.__name__, cls)
+    check = pipeline_utils._get_custom_components_and_folders
+    if not getattr(check, "__pixel_diffusers_exempt__", False):
+        pipeline_utils._get_custom_components_and_folders = _exempt_our_components(check)
+
+
+def _count_parameters(module) -> int | None:
+    return sum(p.numel() for p in module.parameters()) if hasattr(module, "parameters") else None
+
+
+class PixelDiffusersHubMixin:
+    """`push_to_hub` and `save_pretrained(..., push_to_hub=True)` that upload the pipeline with our model card.
+
+    Subclasses name their template in `model_cards/` with `_model_card_template` and their Hub task with
+    `_pipeline_tag`. Extra template fields (a training configuration, a sample grid path) come in `model_card_kwargs`.
+    """
+
+    _model_card_template: str
+    _pipeline_tag = "text-to-image"
+
+    def model_card(self, repo_id: str, **model_card_kwargs) -> ModelCard:
+        """Renders this pipeline's model card for `repo_id` from its template."""
+        components = []
+        for name, component in self.components.items():
+            if component is not None:
+                parameters = _count_parameters(component)
+                components.append(
+                    {
+                        "name": name,
+                        "cls": type(component).__name__,
+                        "parameters": f"{parameters:,}" if parameters is not None else "",
+                    }
+                )
+        card_data = ModelCardData(
+            library_name="diffusers",
+            pipeline_tag=self._pipeline_tag,
+            license=model_card_kwargs.pop("license", "apache-2.0"),
+            base_model=model_card_kwargs.pop("base_model", None),
+            tags=["pixel_diffusers", "diffusers", self._pipeline_tag, "pixel-space", type(self).__name__],
+        )
+        fields = {
+            "repo_id": repo_id,
+            "pipeline_class": type(self).__name__,
+            "components": components,
+            "prompt": "a red circle on a blue background",
+            "num_inference_steps": 30,
+            "height": getattr(self, "default_sample_size", 512),
+            "width": getattr(self, "default_sample_size", 512),
+        }
+        fields.update(model_card_kwargs)
+        template = importlib.resources.files(f"{PACKAGE}.model_cards") / self._model_card_template
+        with importlib.resources.as_file(template) as template_path:
+            return ModelCard.from_template(card_data, template_path=str(template_path), **fields)
+
+    def _upload(self, folder, repo_id, token=None, private=None, commit_message=None, create_pr=False, model_card_kwargs=None):
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        self.model_card(repo_id, **(model_card_kwargs or {})).save(os.path.join(folder, "README.md"))
+        return upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            token=token,
+            commit_message=commit_message or f"Upload {type(self).__name__}",
+            create_pr=create_pr,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """diffusers' `save_pretrained`; with `push_to_hub=True` the folder is uploaded with this pipeline's model card.
+
+        Hub arguments: `repo_id` (default: the folder name), `token`, `private`, `commit_message`, `create_pr`,
+        `model_card_kwargs`.
+        """
+        hub_kwargs = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "token", "private", "commit_message", "create_pr", "model_card_kwargs")
+            if key in kwargs
+        }
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=False,
+            **kwargs,
+        )
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            self._upload(str(save_directory), repo_id, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        model_card_kwargs: dict | None = None,
+    ):
+        """Uploads the pipeline (all components, `model_index.json` and the model card) to the Hub repo `repo_id`."""
+        with tempfile.TemporaryDirectory() as folder:
+            super().save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return self._upload(folder, repo_id, token, private, commit_message, create_pr, model_card_kwargs)

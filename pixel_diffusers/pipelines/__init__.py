@@ -1,0 +1,3 @@
+from .pixelhdm import PixelHDMLoraLoaderMixin, PixelHDMPipeline
+
+__all__ = ["PixelHDMLoraLoaderMixin", "PixelHDMPipeline"]

@@ -1,0 +1,3 @@
+from .pipeline_pixelhdm import PixelHDMLoraLoaderMixin, PixelHDMPipeline
+
+__all__ = ["PixelHDMLoraLoaderMixin", "PixelHDMPipeline"]

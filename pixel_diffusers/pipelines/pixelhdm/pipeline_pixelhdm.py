@@ -1,0 +1,514 @@
+"""Text-to-image generation with PixelHDM, directly in pixel space (no VAE)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import SanaLoraLoaderMixin
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ...hub import PixelDiffusersHubMixin
+from ...models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from pixel_diffusers import PixelHDMPipeline
+
+        >>> pipe = PixelHDMPipeline.from_pretrained("org/pixelhdm", torch_dtype=torch.bfloat16)
+        >>> image = pipe("a red circle on a blue background", num_inference_steps=30).images[0]
+        ```
+"""
+
+
+class PixelHDMLoraLoaderMixin(SanaLoraLoaderMixin):
+    """LoRA loading for pipelines whose only adaptable component is `transformer` (the same contract as Sana's)."""
+
+
+class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLoaderMixin):
+    r"""
+    PixelHDM text-to-image pipeline.
+
+    Components:
+        transformer ([`PixelHDMTransformer2DModel`]): predicts the flow velocity `x0 - noise` in pixel space.
+        scheduler: a flow-matching scheduler, [`PixelFlowMatchScheduler`] by default; diffusers' own flow schedulers
+            (`FlowMatchEulerDiscreteScheduler`, `UniPCMultistepScheduler` / `DPMSolverMultistepScheduler` with
+            `use_flow_sigmas=True`) work too.
+        text_encoder: a transformers model whose `last_hidden_state` conditions the transformer (Qwen3 by default).
+        tokenizer: the text encoder's tokenizer. Prompts are padded on the right to the longest prompt of the batch.
+
+    The transformer's velocity is converted to whatever `scheduler.config.prediction_type` expects in
+    [`~PixelHDMPipeline.velocity_to_prediction`], the one place that knows both conventions.
+
+    Differences from the upstream sampler (deliberate fixes): sampling ends with a step to a clean sample instead of
+    returning the state at t = 0.95 with 5% noise left; timesteps and the sampler state stay in float32 under bf16
+    weights; an empty prompt gets a zero pooled embedding instead of reading a padding slot.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _model_card_template = "pixelhdm.md"
+
+    def __init__(
+        self,
+        transformer: PixelHDMTransformer2DModel,
+        scheduler: SchedulerMixin,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+        self.patch_size = transformer.config.patch_size if transformer is not None else 16
+        self.default_sample_size = 512
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Text
+    # ------------------------------------------------------------------------------------------------------------
+    def _encode_text(
+        self, prompt: list[str], device: torch.device, max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.tokenizer(
+            prompt,
+            padding="longest",
+            max_length=max_sequence_length,
+            truncation=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
+        if input_ids.shape[1] == 0:  # every prompt is empty: keep one fully masked slot
+            input_ids = torch.full((len(prompt), 1), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+        untruncated = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+        if untruncated.shape[1] > input_ids.shape[1]:
+            removed = self.tokenizer.batch_decode(untruncated[:, max_sequence_length:])
+            logger.warning(f"Prompts were truncated to max_sequence_length={max_sequence_length} tokens: {removed}")
+        hidden = self.text_encoder(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+        ).last_hidden_state
+        attention_mask = attention_mask.to(device)
+        # Padded slots never reach the image (they are masked keys); zero them so that a fully masked row, which some
+        # attention backends turn into NaN, cannot leak into the pooled embedding either.
+        hidden = torch.where(attention_mask[..., None].bool(), hidden, torch.zeros_like(hidden))
+        return hidden, attention_mask
+
+    @staticmethod
+    def pool_prompt_embeds(prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden state of each prompt's last real token (right padding); zeros for an empty prompt."""
+        lengths = prompt_attention_mask.long().sum(dim=1)
+        last = (lengths - 1).clamp(min=0)
+        pooled = prompt_embeds[torch.arange(prompt_embeds.shape[0], device=prompt_embeds.device), last]
+        return torch.where((lengths > 0)[:, None], pooled, torch.zeros_like(pooled))
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        max_sequence_length: int = 511,
+    ):
+        r"""
+        Encodes prompts into `last_hidden_state` embeddings and their attention masks, repeated
+        `num_images_per_prompt` times. The unconditional embedding (for classifier-free guidance) comes from
+        `negative_prompt`, the empty prompt "" by default, as in training with caption dropout.
+
+        Returns `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`;
+        the negative pair is `None` without guidance.
+        """
+        device = device or self._execution_device
+        dtype = self.transformer.dtype
+
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, device, max_sequence_length)
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        batch_size = prompt_embeds.shape[0]
+
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negative_prompt = batch_size * [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(
+                negative_prompt, device, max_sequence_length
+            )
+        elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long, device=device)
+
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        prompt_attention_mask = prompt_attention_mask.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
+                num_images_per_prompt, dim=0
+            )
+            negative_prompt_attention_mask = negative_prompt_attention_mask.to(device).repeat_interleave(
+                num_images_per_prompt, dim=0
+            )
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checks and helpers
+    # ------------------------------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_inference_steps,
+        sigmas,
+        guidance_scale,
+        guidance_rescale,
+        guidance_interval,
+        num_images_per_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_attention_mask,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        max_sequence_length,
+    ):
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`; both are None.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
+            raise ValueError(f"`prompt` must be a str or a non-empty list of str, got {type(prompt).__name__}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Provide either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            if not (isinstance(negative_prompt, list) and all(isinstance(p, str) for p in negative_prompt)):
+                raise ValueError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}.")
+            batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            if len(negative_prompt) != batch:
+                raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts.")
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % self.patch_size:
+                raise ValueError(f"`{name}` must be a positive multiple of the patch size {self.patch_size}, got {value}.")
+        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps}.")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale}.")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"`guidance_rescale` must lie in [0, 1], got {guidance_rescale}.")
+        if guidance_interval is not None:
+            if len(guidance_interval) != 2 or not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0:
+                raise ValueError(
+                    f"`guidance_interval` must be (sigma_low, sigma_high) with 0 <= sigma_low <= sigma_high <= 1, got {guidance_interval}."
+                )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt}.")
+        for name, embeds, mask in (
+            ("prompt_embeds", prompt_embeds, prompt_attention_mask),
+            ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask),
+        ):
+            if embeds is None:
+                if mask is not None:
+                    raise ValueError(f"`{name.replace('embeds', 'attention_mask')}` needs `{name}`.")
+                continue
+            width_expected = self.transformer.config.text_embed_dim
+            if embeds.ndim != 3 or embeds.shape[-1] != width_expected:
+                raise ValueError(f"`{name}` must have shape (batch, tokens, {width_expected}), got {tuple(embeds.shape)}.")
+            if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
+                raise ValueError(
+                    f"`{name.replace('embeds', 'attention_mask')}` must have shape {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}."
+                )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+                raise ValueError("`negative_prompt_embeds` and `prompt_embeds` must have the same batch size.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
+            )
+        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 511:
+            raise ValueError(
+                f"`max_sequence_length` must be an int in [1, 511] (the text axis of the transformer's mRoPE), got {max_sequence_length}."
+            )
+
+    def prepare_latents(self, batch_size, height, width, device, generator, latents=None) -> torch.Tensor:
+        """Pure Gaussian noise of shape (batch, 3, height, width) in float32 (the sampler state stays float32)."""
+        shape = (batch_size, self.transformer.config.in_channels, height, width)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            return latents.to(device=device, dtype=torch.float32)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators but {batch_size} images are generated."
+            )
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def velocity_to_prediction(self, velocity: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Converts PixelHDM's velocity `x0 - noise` into the prediction type the scheduler expects.
+
+        diffusers' flow schedulers without a `prediction_type` (FlowMatchEulerDiscreteScheduler) expect
+        `flow_prediction`, i.e. `noise - x0`.
+        """
+        prediction_type = getattr(self.scheduler.config, "prediction_type", "flow_prediction")
+        if prediction_type == "velocity":
+            return velocity
+        if prediction_type == "flow_prediction":
+            return -velocity
+        if prediction_type == "sample":
+            return sample + sigma * velocity
+        if prediction_type == "epsilon":
+            return sample - (1.0 - sigma) * velocity
+        raise ValueError(
+            f"scheduler prediction_type {prediction_type!r} is not supported; use one of "
+            "'velocity', 'flow_prediction', 'sample', 'epsilon'."
+        )
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 511,
+    ):
+        r"""
+        Generates images from text.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds`.
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt for guidance ("" by default).
+            height, width (`int`, defaults to 512): multiples of the transformer's patch size (16).
+            num_inference_steps (`int`, defaults to 50): sampling steps (a second-order solver evaluates the
+                transformer about twice per step).
+            sigmas (`list[float]`, *optional*): custom noise levels in (0, 1], decreasing; overrides the scheduler's.
+            guidance_scale (`float`, defaults to 7.5): classifier-free guidance scale; `<= 1` disables guidance.
+            guidance_rescale (`float`, defaults to 0.0): the rescaled-CFG factor φ, mixing the guided prediction
+                with a copy rescaled to the conditional prediction's standard deviation.
+            guidance_interval (`tuple[float, float]`, *optional*): `(sigma_low, sigma_high)`: guidance is applied
+                only at noise levels `sigma_low <= sigma <= sigma_high`; outside it only the conditional pass runs.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator, or one per image.
+            latents (`torch.Tensor`, *optional*): initial noise of shape (batch, 3, height, width).
+            prompt_embeds, prompt_attention_mask: precomputed text embeddings (batch, tokens, width) and their mask
+                (all ones when omitted); the pooled embedding is read from them.
+            negative_prompt_embeds, negative_prompt_attention_mask: the same for the unconditional branch.
+            output_type (`str`, defaults to "pil"): "pil", "np", "pt" (images in [0, 1]) or "latent" (the raw
+                [-1, 1] tensor).
+            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] instead of a tuple.
+            attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. `{"scale": lora_scale}`).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: called at the end of each step with the named
+                tensors; may return replacements.
+            max_sequence_length (`int`, defaults to 511): the longest prompt in tokens; prompts are padded only to
+                the longest prompt of the batch, which gives the same images as padding to 511.
+
+        Examples:
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height = height or self.default_sample_size
+        width = width or self.default_sample_size
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            sigmas,
+            guidance_scale,
+            guidance_rescale,
+            guidance_interval,
+            num_images_per_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            max_sequence_length,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        device = self._execution_device
+
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            self.encode_prompt(
+                prompt,
+                negative_prompt,
+                do_classifier_free_guidance=self.do_classifier_free_guidance,
+                num_images_per_prompt=num_images_per_prompt,
+                device=device,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                prompt_attention_mask=prompt_attention_mask,
+                negative_prompt_attention_mask=negative_prompt_attention_mask,
+                max_sequence_length=max_sequence_length,
+            )
+        )
+        batch_size = prompt_embeds.shape[0]
+        latents = self.prepare_latents(batch_size, height, width, device, generator, latents)
+
+        scheduler_kwargs = {}
+        if self.scheduler.config.get("use_dynamic_shifting", False):
+            scheduler_kwargs["mu"] = calculate_shift(
+                (height // self.patch_size) * (width // self.patch_size),
+                self.scheduler.config.get("base_image_seq_len", 256),
+                self.scheduler.config.get("max_image_seq_len", 4096),
+                self.scheduler.config.get("base_shift", 0.5),
+                self.scheduler.config.get("max_shift", 1.15),
+            )
+        if sigmas is not None and self.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = None  # such schedulers build their own flow sigmas and reject a list
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs
+        )
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                sigma = t.float() / self.scheduler.config.num_train_timesteps
+                guided = self.do_classifier_free_guidance and (
+                    guidance_interval is None or guidance_interval[0] <= sigma.item() <= guidance_interval[1]
+                )
+                velocity = self._predict_velocity(
+                    latents,
+                    t,
+                    prompt_embeds,
+                    prompt_attention_mask,
+                    negative_prompt_embeds if guided else None,
+                    negative_prompt_attention_mask,
+                    guidance_rescale,
+                    attention_kwargs,
+                )
+                prediction = self.velocity_to_prediction(velocity, latents, sigma)
+                latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(latents, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    def _predict_velocity(
+        self,
+        latents,
+        t,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        guidance_rescale,
+        attention_kwargs,
+    ) -> torch.Tensor:
+        """One transformer evaluation; with `negative_prompt_embeds`, a batched guided one."""
+        embeds, mask = prompt_embeds, prompt_attention_mask
+        if negative_prompt_embeds is not None:
+            embeds, mask = _concat_padded(
+                (prompt_embeds, prompt_attention_mask), (negative_prompt_embeds, negative_prompt_attention_mask)
+            )
+        model_input = latents.to(self.transformer.dtype)
+        if negative_prompt_embeds is not None:
+            model_input = torch.cat([model_input, model_input])
+        velocity = self.transformer(
+            hidden_states=model_input,
+            timestep=t.float().expand(model_input.shape[0]),
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            pooled_projections=self.pool_prompt_embeds(embeds, mask),
+            attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0].float()
+        if negative_prompt_embeds is None:
+            return velocity
+        velocity_cond, velocity_uncond = velocity.chunk(2)
+        guided = velocity_uncond + self.guidance_scale * (velocity_cond - velocity_uncond)
+        if guidance_rescale > 0:
+            guided = rescale_noise_cfg(guided, velocity_cond, guidance_rescale=guidance_rescale)
+        return guided
+
+
+def _concat_padded(*pairs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks (embeds, mask) pairs along the batch, right-padding the shorter ones with masked zeros."""
+    length = max(embeds.shape[1] for embeds, _ in pairs)
+    padded_embeds, padded_masks = [], []
+    for embeds, mask in pairs:
+        extra = length - embeds.shape[1]
+        padded_embeds.append(torch.nn.functional.pad(embeds, (0, 0, 0, extra)))
+        padded_masks.append(torch.nn.functional.pad(mask, (0, extra)))
+    return torch.cat(padded_embeds), torch.cat(padded_masks)

@@ -1,0 +1,5 @@
+"""Schedulers of pixel_diffusers."""
+
+from .scheduling_pixel_flow import PixelFlowMatchScheduler, PixelFlowMatchSchedulerOutput
+
+__all__ = ["PixelFlowMatchScheduler", "PixelFlowMatchSchedulerOutput"]

@@ -1,0 +1,490 @@
+"""Flow-matching sampler for pixel-space models (PixelHDM and friends).
+
+Conventions (the same as diffusers' flow-matching schedulers): ``sigma`` runs from 1 (pure noise) to 0 (clean data),
+``x_sigma = (1 - sigma) * x0 + sigma * noise``, ``timesteps = sigma * num_train_timesteps`` and a terminal sigma of 0
+is appended to ``sigmas``. PixelHDM's native time is ``t = 1 - sigma`` and its native output is the velocity
+``x0 - noise``; ``prediction_type`` says what the model returns and is converted in :meth:`_to_x0` / :meth:`_to_flow`
+only.
+
+Default schedule. ``num_inference_steps`` sigmas spaced linearly from ``sigma_max = 0.95`` to ``sigma_min = 0.05``
+(PixelHDM's trained range), then one last step into sigma 0. As upstream, sampling starts from pure ``N(0, I)``
+treated as the sample at ``sigma_max`` (``init_noise_sigma = 1``). Upstream ``num_steps=N`` walks the grid
+``linspace(0.95, 0.05, N + 1)`` and stops there; ``sigmas=np.linspace(0.95, 0.05, N + 1)`` gives that grid here,
+followed by the final step into sigma 0 (N + 1 model calls with euler).
+
+Solvers (``solver``):
+
+- ``"euler"``: first order, one model call per sigma.
+- ``"heun"``: Heun's second-order method. As in diffusers' ``FlowMatchHeunDiscreteScheduler`` each interior sigma
+  appears twice in ``timesteps`` (predictor end point, then the start of the next step), so a plain
+  ``for t in timesteps`` loop runs it.
+- ``"dpmpp_2m"``: DPM-Solver++(2M), multistep, one model call per sigma.
+- ``"dpmpp_2s"``: DPM-Solver++(2S), single step with an extra model call at the midpoint in
+  ``lambda = log(alpha / sigma)``; the midpoints are placed into ``timesteps``.
+
+The DPM-Solver++ solvers use ``alpha = 1 - sigma`` and the data-prediction (x0) update
+``x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) D``. **Deliberate difference from upstream PixelHDM**: its
+``dpm_pp`` sampler applies the epsilon-form (DDIM) coefficients to the x0 estimate, which is wrong (it is far off even
+for an exact denoiser), and its "2S" is an alias of the multistep update. Here both are the correct data-prediction
+DPM-Solver++ methods. Upstream also returns the sample at ``t = 0.95`` with ~5% noise left; here the last step always
+lands on sigma 0.
+
+Every solver takes the step into sigma 0 as the exact jump to the model's x0 estimate, and no solver ever evaluates
+the model at sigma 0. All arithmetic is done in float32 and the results are cast back to the dtype of ``sample``.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+SOLVERS = ("euler", "heun", "dpmpp_2m", "dpmpp_2s")
+PREDICTION_TYPES = ("flow_prediction", "sample", "velocity", "epsilon")
+TIME_SHIFT_TYPES = ("exponential", "linear")
+_SOLVER_ORDER = {"euler": 1, "heun": 2, "dpmpp_2m": 1, "dpmpp_2s": 2}
+
+
+@dataclass
+class PixelFlowMatchSchedulerOutput(BaseOutput):
+    """Output of :meth:`PixelFlowMatchScheduler.step`.
+
+    Args:
+        prev_sample (`torch.Tensor`): the sample at the next entry of ``sigmas``; feed it to the next model call.
+        pred_original_sample (`torch.Tensor`): the x0 estimate from this model call.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def _log_snr(sigma: float) -> float:
+    """lambda = log(alpha / sigma) with alpha = 1 - sigma (-inf at sigma = 1, +inf at sigma = 0)."""
+    alpha = 1.0 - sigma
+    if alpha <= 0.0:
+        return -math.inf
+    if sigma <= 0.0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def _data_prediction_step(x: torch.Tensor, d: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """First-order DPM-Solver++ update from sigma to sigma_next with x0 estimate d (exact for a constant d)."""
+    ratio = sigma_next / sigma
+    alpha, alpha_next = 1.0 - sigma, 1.0 - sigma_next
+    return ratio * x + (alpha_next - alpha * ratio) * d
+
+
+def _lambda_midpoint_sigma(sigma: float, sigma_next: float) -> float:
+    """The sigma whose lambda is halfway between those of sigma and sigma_next.
+
+    At sigma = 1 (lambda = -inf) there is no midpoint; we then use lambda_next - 1, where the weight exp(lambda) of
+    the exact solution's integral has its centroid as the step becomes infinitely long in lambda.
+    """
+    alpha, alpha_next = 1.0 - sigma, 1.0 - sigma_next
+    if alpha <= 0.0:
+        return math.e * sigma_next / (math.e * sigma_next + alpha_next)
+    noise_mid, signal_mid = math.sqrt(sigma * sigma_next), math.sqrt(alpha * alpha_next)
+    return noise_mid / (noise_mid + signal_mid)
+
+
+class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
+    """Flow-matching scheduler with Euler, Heun, DPM-Solver++(2M) and DPM-Solver++(2S) solvers.
+
+    See the module docstring for conventions and where this differs from upstream PixelHDM. Drop-in for diffusers'
+    ``FlowMatchEulerDiscreteScheduler``: given the same ``sigmas`` (and ``mu``), ``solver="euler"`` with
+    ``prediction_type="flow_prediction"`` gives the same sigmas, timesteps and steps. diffusers' flow schedulers
+    expect ``noise - x0``, i.e. the negated PixelHDM velocity.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): timesteps are ``sigma * num_train_timesteps``.
+        solver (`str`, defaults to ``"euler"``): one of ``"euler"``, ``"heun"``, ``"dpmpp_2m"``, ``"dpmpp_2s"``.
+        prediction_type (`str`, defaults to ``"velocity"``): what the model returns: ``"velocity"`` (x0 - noise,
+            PixelHDM's native output), ``"flow_prediction"`` (noise - x0, diffusers' flow models), ``"sample"`` (x0) or
+            ``"epsilon"`` (noise).
+        sigma_max (`float`, defaults to 0.95), sigma_min (`float`, defaults to 0.05): ends of the default linear
+            sigma grid (before shifting).
+        shift (`float`, defaults to 1.0): static shift ``shift * s / (1 + (shift - 1) * s)``.
+        use_dynamic_shifting (`bool`, defaults to False): resolution-dependent shift; ``set_timesteps`` then needs
+            ``mu`` (see ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``, which pipelines
+            read to compute it).
+        time_shift_type (`str`, defaults to ``"exponential"``): dynamic shift ``exp(mu) / (exp(mu) + 1/s - 1)``, or
+            ``"linear"``: ``mu / (mu + 1/s - 1)``.
+    """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        solver: str = "euler",
+        prediction_type: str = "velocity",
+        sigma_max: float = 0.95,
+        sigma_min: float = 0.05,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+    ):
+        if solver not in SOLVERS:
+            raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+        if time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"`time_shift_type` must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}.")
+        if not _is_positive_int(num_train_timesteps):
+            raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+        if not (0.0 < sigma_min < sigma_max <= 1.0):
+            raise ValueError(
+                "`sigma_min` and `sigma_max` must satisfy 0 < sigma_min < sigma_max <= 1, got "
+                f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}."
+            )
+        if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+            raise ValueError(f"`shift` must be a finite number > 0, got {shift!r}.")
+        if not (0 < base_image_seq_len < max_image_seq_len):
+            raise ValueError(
+                "`base_image_seq_len` and `max_image_seq_len` must satisfy 0 < base_image_seq_len < "
+                f"max_image_seq_len, got {base_image_seq_len!r} and {max_image_seq_len!r}."
+            )
+
+        self.order = _SOLVER_ORDER[solver]
+        self.init_noise_sigma = 1.0
+
+        # Until `set_timesteps` is called, expose the training grid sigma = 1, ..., 1/T (statically shifted), which
+        # training code uses to look up sigmas from timesteps. Sampling needs `set_timesteps`.
+        grid = np.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=np.float32)
+        if not use_dynamic_shifting:
+            grid = self._static_shift(grid)
+        grid = torch.from_numpy(np.ascontiguousarray(grid)).to(torch.float32)
+        self.timesteps = grid * num_train_timesteps
+        self.sigmas = torch.cat([grid, grid.new_zeros(1)])
+        self._sigma_values = self.sigmas.tolist()
+        self.num_inference_steps = None
+        self._step_index = None
+        self._begin_index = None
+        self._reset_solver_state()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next :meth:`step` call (``None`` before the first)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """First index into ``timesteps``, set by a pipeline through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start the next sampling loop at ``timesteps[begin_index]`` (pipelines call this before the loop)."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"`begin_index` must be an integer >= 0, got {begin_index!r}.")
+        self._begin_index = begin_index
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """False only between the two model calls of a two-call (heun, dpmpp_2s) step."""
+        return self._stage is None
+
+    def _reset_solver_state(self):
+        # heun / dpmpp_2s: what the second call of a step needs; dpmpp_2m: the previous x0 estimate and its lambda.
+        self._stage = None
+        self._prev_x0 = None
+        self._prev_lambda = None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Identity: flow-matching models take the noisy sample unscaled (kept for epsilon-style loops)."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # ------------------------------------------------------------- schedule
+
+    def _static_shift(self, sigmas: np.ndarray) -> np.ndarray:
+        shift = self.config.shift
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def _dynamic_shift(self, sigmas: np.ndarray, mu: float) -> np.ndarray:
+        # Same formula and float arithmetic as diffusers' FlowMatchEulerDiscreteScheduler, so given sigmas match.
+        if self.config.time_shift_type == "exponential":
+            scale = math.exp(mu)
+        else:
+            if mu <= 0:
+                raise ValueError(f"`mu` must be > 0 with time_shift_type='linear', got {mu!r}.")
+            scale = mu
+        return scale / (scale + (1 / sigmas - 1))
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | np.ndarray | torch.Tensor | None = None,
+        mu: float | None = None,
+    ):
+        """Build the sampling schedule (and reset the solver state).
+
+        Args:
+            num_inference_steps (`int`, *optional*): number of sigmas before the terminal 0; the default grid is
+                ``linspace(sigma_max, sigma_min, num_inference_steps)``. May be omitted when ``sigmas`` is given.
+            device: where ``sigmas`` and ``timesteps`` are put.
+            sigmas (sequence of floats, *optional*): strictly decreasing values in (0, 1] used instead of the default
+                grid; the configured shift is applied to them (as diffusers does) and a terminal 0 is appended.
+            mu (`float`, *optional*): required with ``use_dynamic_shifting``; ignored otherwise.
+
+        ``sigmas`` then lists every point where the sample lives (model calls plus the terminal 0) and
+        ``timesteps = sigmas[:-1] * num_train_timesteps`` every model call: ``num_inference_steps`` for euler and
+        dpmpp_2m, ``2 * num_inference_steps - 1`` for heun and dpmpp_2s.
+        """
+        if num_inference_steps is None and sigmas is None:
+            raise ValueError("Pass `num_inference_steps` or `sigmas` to `set_timesteps` (got neither).")
+        if num_inference_steps is not None and not _is_positive_int(num_inference_steps):
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+
+        if sigmas is not None:
+            if isinstance(sigmas, torch.Tensor):
+                sigmas = sigmas.detach().cpu().numpy()
+            base = np.array(sigmas, dtype=np.float32)
+            if base.ndim != 1 or base.size == 0:
+                raise ValueError(f"`sigmas` must be a non-empty 1-D sequence, got shape {tuple(base.shape)}.")
+            if num_inference_steps is not None and num_inference_steps != base.size:
+                raise ValueError(
+                    f"`num_inference_steps` ({num_inference_steps}) must equal len(sigmas) ({base.size}) when both "
+                    "are given."
+                )
+            self._check_sigmas(base, "sigmas")
+        else:
+            base = np.linspace(self.config.sigma_max, self.config.sigma_min, int(num_inference_steps))
+
+        if self.config.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("`mu` must be passed to `set_timesteps` when `use_dynamic_shifting` is True.")
+            if not math.isfinite(mu):
+                raise ValueError(f"`mu` must be a finite number, got {mu!r}.")
+            base = self._dynamic_shift(base, mu)
+        else:
+            base = self._static_shift(base)
+        base = torch.from_numpy(np.ascontiguousarray(base)).to(torch.float32)
+        self._check_sigmas(base.numpy(), "sigmas after shifting")
+        if self.config.prediction_type == "epsilon" and base[0].item() >= 1.0:
+            raise ValueError(
+                "prediction_type='epsilon' cannot start at sigma = 1 (x0 is undefined there); pass `sigmas` below 1."
+            )
+
+        full = self._expand_for_solver(base)
+        self.num_inference_steps = base.numel()
+        self._sigma_values = full.tolist()
+        self.sigmas = full.to(device=device)
+        self.timesteps = (full[:-1] * self.config.num_train_timesteps).to(device=device)
+        self._step_index = None
+        self._begin_index = None
+        self._reset_solver_state()
+
+    @staticmethod
+    def _check_sigmas(values: np.ndarray, name: str):
+        if not np.all(np.isfinite(values)) or values.min() <= 0.0 or values.max() > 1.0:
+            raise ValueError(
+                f"`{name}` must lie in (0, 1] (the terminal 0 is appended by the scheduler), got {values.tolist()}."
+            )
+        if values.size > 1 and not np.all(np.diff(values) < 0):
+            raise ValueError(f"`{name}` must be strictly decreasing, got {values.tolist()}.")
+
+    def _expand_for_solver(self, base: torch.Tensor) -> torch.Tensor:
+        """Every point where the sample lives, terminal 0 included, for the configured solver."""
+        zero = base.new_zeros(1)
+        solver = self.config.solver
+        if solver == "heun":
+            # s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0: predictor end point and next start share a sigma.
+            return torch.cat([base[:1], base[1:].repeat_interleave(2), zero])
+        if solver == "dpmpp_2s":
+            # s0, m0, s1, m1, ..., s_{N-1}, 0 with m_i the lambda-midpoint of (s_i, s_{i+1}).
+            values = base.tolist()
+            points = []
+            for sigma, sigma_next in zip(values[:-1], values[1:]):
+                points += [sigma, _lambda_midpoint_sigma(sigma, sigma_next)]
+            points.append(values[-1])
+            return torch.cat([torch.tensor(points, dtype=torch.float32), zero])
+        return torch.cat([base, zero])
+
+    # ----------------------------------------------------------- look-ups
+
+    def index_for_timestep(
+        self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None
+    ) -> int:
+        """Index of ``timestep`` in ``timesteps``; of two equal entries (heun), the second, where a step begins."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule_timesteps.device)
+        matches = (schedule_timesteps == timestep).nonzero()
+        if len(matches) == 0:
+            raise ValueError(f"`timestep` {float(timestep)} is not one of `scheduler.timesteps`.")
+        return matches[1 if len(matches) > 1 else 0].item()
+
+    def _init_step_index(self, timestep: float | torch.Tensor):
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+        else:
+            self._step_index = self.index_for_timestep(timestep)
+
+    def scale_noise(
+        self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Forward process ``sigma * noise + (1 - sigma) * sample`` at ``timestep`` (one per batch item or one).
+
+        As in diffusers: with no begin index the sigma of each timestep is looked up; otherwise the sigma at the
+        current step index (or the begin index, before the first step) is used.
+        """
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor([timestep], dtype=torch.float32)
+        timestep = timestep.reshape(-1)
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(t) for t in timestep]
+        elif self._step_index is not None:
+            indices = [self._step_index] * timestep.numel()
+        else:
+            indices = [self._begin_index] * timestep.numel()
+        sigma = self.sigmas.to(device=sample.device, dtype=torch.float32)[indices]
+        sigma = sigma.reshape(-1, *([1] * (sample.ndim - 1)))
+        noisy = sigma * noise.to(torch.float32) + (1.0 - sigma) * sample.to(torch.float32)
+        return noisy.to(sample.dtype)
+
+    # ------------------------------------------------------ conversions
+
+    def _to_x0(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The model's x0 estimate, whatever it predicts (the only place `prediction_type` is read)."""
+        kind = self.config.prediction_type
+        if kind == "velocity":
+            return sample + sigma * model_output
+        if kind == "flow_prediction":
+            return sample - sigma * model_output
+        if kind == "sample":
+            return model_output
+        return (sample - sigma * model_output) / (1.0 - sigma)
+
+    def _to_flow(
+        self, model_output: torch.Tensor, sample: torch.Tensor, x0: torch.Tensor, sigma: float
+    ) -> torch.Tensor:
+        """The flow dx/dsigma = noise - x0 (the quantity diffusers' Euler steps with)."""
+        kind = self.config.prediction_type
+        if kind == "velocity":
+            return -model_output
+        if kind == "flow_prediction":
+            return model_output
+        return (sample - x0) / sigma
+
+    # ----------------------------------------------------------------- step
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> PixelFlowMatchSchedulerOutput | tuple:
+        """Advance ``sample`` from ``sigmas[step_index]`` to ``sigmas[step_index + 1]`` given the model's output there.
+
+        Args:
+            model_output: the model's prediction at (``sample``, ``timestep``), of kind ``prediction_type``.
+            timestep: the current entry of ``timesteps`` (a float, not an integer index).
+            sample: the current sample.
+            generator: unused (every solver is deterministic); accepted for drop-in use.
+            return_dict: return a :class:`PixelFlowMatchSchedulerOutput` (default) or a tuple
+                ``(prev_sample, pred_original_sample)``.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("Call `set_timesteps` before `step`.")
+        if isinstance(timestep, int) or (
+            isinstance(timestep, torch.Tensor) and not torch.is_floating_point(timestep)
+        ):
+            raise ValueError(
+                "`timestep` must be an entry of `scheduler.timesteps` (a float), not an integer index from "
+                f"`enumerate`; got {timestep!r}."
+            )
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
+            timestep = timestep.reshape(-1)[0]
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        index = self._step_index
+        if index >= len(self.timesteps):
+            raise ValueError(
+                f"`step` was called {index + 1} times but there are only {len(self.timesteps)} timesteps; call "
+                "`set_timesteps` to start a new loop."
+            )
+
+        out_dtype = sample.dtype
+        x = sample.to(torch.float32)
+        output = model_output.to(device=x.device, dtype=torch.float32)
+        sigma, sigma_next = self._sigma_values[index], self._sigma_values[index + 1]
+        x0 = self._to_x0(output, x, sigma)
+
+        solver = self.config.solver
+        # heun and dpmpp_2s make two calls per step: the odd entries of `timesteps` are the second calls.
+        second_call = self.order == 2 and index % 2 == 1
+        if second_call and self._stage is None:
+            raise ValueError(
+                f"timesteps[{index}] is the second model call of a {solver} step, but the first was not made; start "
+                "the loop at an even index (e.g. `set_begin_index(t_start * scheduler.order)`)."
+            )
+        if not second_call:
+            self._stage = None
+        if second_call:
+            prev = self._second_call(output, x, x0, sigma, sigma_next)
+        elif sigma_next == 0.0:
+            prev = x0  # the step into sigma 0: the exact jump to the x0 estimate, for every solver
+        elif solver == "euler":
+            prev = x + (sigma_next - sigma) * self._to_flow(output, x, x0, sigma)
+        elif solver == "heun":
+            flow = self._to_flow(output, x, x0, sigma)
+            self._stage = (x, flow, sigma, sigma_next)
+            prev = x + (sigma_next - sigma) * flow
+        elif solver == "dpmpp_2s":
+            # First call at s_i: move to the lambda-midpoint (sigma_next here) with x0 at s_i.
+            self._stage = (x, sigma, self._sigma_values[index + 2])
+            prev = _data_prediction_step(x, x0, sigma, sigma_next)
+        else:
+            prev = self._multistep(x, x0, sigma, sigma_next)
+        if solver == "dpmpp_2m":
+            self._prev_x0, self._prev_lambda = x0, _log_snr(sigma)
+
+        self._step_index += 1
+        prev, x0 = prev.to(out_dtype), x0.to(out_dtype)
+        if not return_dict:
+            return (prev, x0)
+        return PixelFlowMatchSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _second_call(
+        self, output: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float
+    ) -> torch.Tensor:
+        """Finish a two-call step (heun corrector at s_{i+1}, or dpmpp_2s midpoint call)."""
+        if self.config.solver == "heun":
+            start, flow_start, sigma_start, sigma_end = self._stage
+            flow_end = self._to_flow(output, x, x0, sigma)
+            self._stage = None
+            return start + (sigma_end - sigma_start) * (0.5 * (flow_start + flow_end))
+        start, sigma_start, sigma_end = self._stage
+        self._stage = None
+        return _data_prediction_step(start, x0, sigma_start, sigma_end)
+
+    def _multistep(self, x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+        """DPM-Solver++(2M): second-order extrapolation of x0 in lambda from the previous call's x0."""
+        lam, lam_next = _log_snr(sigma), _log_snr(sigma_next)
+        d = x0
+        if self._prev_x0 is not None and math.isfinite(self._prev_lambda) and math.isfinite(lam):
+            ratio = (lam - self._prev_lambda) / (lam_next - lam)  # r = h_prev / h
+            d = x0 + (0.5 / ratio) * (x0 - self._prev_x0)
+        return _data_prediction_step(x, d, sigma, sigma_next)

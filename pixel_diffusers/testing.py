@@ -1,0 +1,98 @@
+"""Tiny, deterministic components built entirely in code, for tests, demos and examples (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+
+from .models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
+from .pipelines.pixelhdm.pipeline_pixelhdm import PixelHDMPipeline
+from .schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def make_tiny_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer of the Qwen family: one token per UTF-8 byte, plus Qwen's end-of-text pad token."""
+    vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab[END_OF_TEXT] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+
+
+def make_tiny_qwen3_text_encoder(hidden_size: int = 256, seed: int = 0) -> Qwen3Model:
+    """A two-layer Qwen3 encoder sized for `make_tiny_tokenizer`, randomly initialised from `seed`."""
+    config = Qwen3Config(
+        vocab_size=257,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=512,
+        pad_token_id=256,
+        eos_token_id=256,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return Qwen3Model(config).eval()
+
+
+def make_tiny_pixelhdm_pipeline(seed: int = 0, solver: str = "heun") -> PixelHDMPipeline:
+    """A complete `PixelHDMPipeline` with the `for_testing` transformer (3.9M parameters) and a tiny Qwen3 encoder.
+
+    The same `seed` always gives the same weights, so outputs are reproducible across processes and machines.
+    """
+    torch.manual_seed(seed)
+    transformer = PixelHDMTransformer2DModel.from_preset("for_testing")
+    text_encoder = make_tiny_qwen3_text_encoder(transformer.config.text_embed_dim, seed=seed + 1)
+    return PixelHDMPipeline(
+        transformer=transformer.eval(),
+        scheduler=PixelFlowMatchScheduler(solver=solver, prediction_type="velocity"),
+        text_encoder=text_encoder,
+        tokenizer=make_tiny_tokenizer(),
+    )
+
+
+def seed_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, tree_listing: bool = True) -> str:
+    """Writes `folder` into a Hugging Face cache as the `main` revision of the model repo `repo_id`, offline.
+
+    The layout is the one huggingface_hub creates on download (blobs named by git or LFS hash, a snapshot of
+    symlinks, `refs/main`); with `tree_listing` it also writes the `trees/<commit>.json` listing that newer
+    huggingface_hub versions cache. Returns the commit hash.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    commit = hashlib.sha1("".join(str(p.relative_to(folder)) for p in files).encode()).hexdigest()
+    storage = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    entries = {}
+    for path in files:
+        data = path.read_bytes()
+        blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        entry = {"size": len(data), "blob_id": blob_id}
+        if path.suffix in (".safetensors", ".bin", ".pt"):
+            entry.update(lfs_sha256=hashlib.sha256(data).hexdigest(), lfs_size=len(data))
+        etag = entry.get("lfs_sha256", blob_id)
+        relative = path.relative_to(folder).as_posix()
+        entries[relative] = entry
+        blob = storage / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = storage / "snapshots" / commit / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    if tree_listing:
+        (storage / "trees").mkdir(exist_ok=True)
+        listing = {"format_version": 1, "files": entries}
+        (storage / "trees" / f"{commit}.json").write_text(json.dumps(listing, indent=1))
+    return commit
