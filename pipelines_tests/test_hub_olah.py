@@ -31,14 +31,17 @@ if shutil.which("git") is None:
 REPO_ID = "pixel-org/tiny-pixelhdm-olah"
 STARTUP_TIMEOUT_S = 60
 
-# Run by the child process: argv = repo id, work folder, torch thread count.
+# The images compared: 2 steps at 32x32 from a fixed generator.
+CALL = {"prompt": "a red circle", "height": 32, "width": 32, "num_inference_steps": 2, "output_type": "pt"}
+
+# Run by the child process: argv = repo id, work folder, torch thread count, CALL as JSON.
 PULL_SCRIPT = r"""
-import os, sys
+import json, sys
 from pathlib import Path
 import torch
 
-repo_id, root, threads = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-torch.set_num_threads(threads)
+repo_id, root, threads, call = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+torch.set_num_threads(threads)  # as in the parent, so that CPU kernels sum in the same order
 
 import diffusers
 from diffusers.pipelines import pipeline_utils
@@ -48,8 +51,7 @@ from pixel_diffusers import PixelHDMPipeline
 
 def generate(pipe):
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipe("a red circle", height=32, width=32, num_inference_steps=2, generator=generator, output_type="pt").images
+    return pipe(**call, generator=torch.Generator().manual_seed(0)).images
 
 results = {"offline": constants.HF_HUB_OFFLINE, "endpoint": constants.ENDPOINT, "images": {}, "classes": {}}
 for loader in (PixelHDMPipeline, diffusers.DiffusionPipeline):
@@ -76,8 +78,7 @@ torch.save(results, root / "results.pt")
 
 def generate(pipe):
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipe("a red circle", height=32, width=32, num_inference_steps=2, generator=generator, output_type="pt").images
+    return pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
 
 
 def free_port() -> int:
@@ -141,34 +142,29 @@ def olah_endpoint(mirrored_pipeline):
         f"mirrors-path = [{json.dumps(str(mirrors))}]\n"
         "[accessibility]\noffline = true\n"
     )
-    log = open(root / "olah.out", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-c", "from olah.server import cli; cli()", "--config", str(config), "--log-path", str(root / "logs")],
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so that its git helpers are stopped with it
-    )
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while http_status(f"{endpoint}/api/models/{REPO_ID}/revision/main") != 200:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"olah did not serve {REPO_ID}:\n{(root / 'olah.out').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield endpoint
-    finally:
-        server.terminate()
+    command = [sys.executable, "-c", "from olah.server import cli; cli()", "--config", str(config)]
+    command += ["--log-path", str(root / "logs")]
+    with open(root / "olah.out", "wb") as log:
+        # A process group of its own, so that olah's git helper processes are stopped with it.
+        server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        try:
-            os.killpg(server.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while http_status(f"{endpoint}/api/models/{REPO_ID}/revision/main") != 200:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    output = (root / "olah.out").read_text(errors="replace")[-3000:]
+                    pytest.fail(f"olah did not serve {REPO_ID} at {endpoint}:\n{output}")
+                time.sleep(0.2)
+            yield endpoint
+        finally:
+            # Signal the group while olah is not yet reaped, so that its id cannot belong to anyone else.
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait()
 
 
 def pull_in_clean_process(endpoint: str, root: Path) -> dict:
@@ -192,7 +188,7 @@ def pull_in_clean_process(endpoint: str, root: Path) -> dict:
         PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
     )
     child = subprocess.run(
-        [sys.executable, "-c", PULL_SCRIPT, REPO_ID, str(root), str(torch.get_num_threads())],
+        [sys.executable, "-c", PULL_SCRIPT, REPO_ID, str(root), str(torch.get_num_threads()), json.dumps(CALL)],
         cwd=root,
         env=env,
         capture_output=True,

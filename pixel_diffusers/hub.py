@@ -10,7 +10,7 @@ from pathlib import Path
 
 import diffusers
 from diffusers.pipelines import pipeline_utils
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 PACKAGE = "pixel_diffusers"
 
@@ -103,12 +103,12 @@ class PixelDiffusersHubMixin:
             return ModelCard.from_template(card_data, template_path=str(template_path), **fields)
 
     def _upload(self, folder, repo_id, token=None, private=None, commit_message=None, create_pr=False, model_card_kwargs=None):
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         self.model_card(repo_id, **(model_card_kwargs or {})).save(os.path.join(folder, "README.md"))
-        return upload_folder(
+        return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
-            token=token,
             commit_message=commit_message or f"Upload {type(self).__name__}",
             create_pr=create_pr,
         )

@@ -1,0 +1,3 @@
+from .transformer_pixelhdm import PixelHDMTransformer2DModel, PixelHDMTransformerOutput
+
+__all__ = ["PixelHDMTransformer2DModel", "PixelHDMTransformerOutput"]
