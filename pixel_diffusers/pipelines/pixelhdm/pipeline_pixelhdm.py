@@ -94,10 +94,11 @@ class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLo
         if input_ids.shape[1] == 0:  # every prompt is empty: keep one fully masked slot
             input_ids = torch.full((len(prompt), 1), self.tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)
-        untruncated = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[1] > input_ids.shape[1]:
-            removed = self.tokenizer.batch_decode(untruncated[:, max_sequence_length:])
-            logger.warning(f"Prompts were truncated to max_sequence_length={max_sequence_length} tokens: {removed}")
+        if input_ids.shape[1] == max_sequence_length:  # only then can a prompt have been cut
+            untruncated = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+            if untruncated.shape[1] > max_sequence_length:
+                removed = self.tokenizer.batch_decode(untruncated[:, max_sequence_length:])
+                logger.warning(f"Prompts were truncated to max_sequence_length={max_sequence_length} tokens: {removed}")
         hidden = self.text_encoder(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
         ).last_hidden_state
