@@ -114,6 +114,13 @@ def _rope_angles(positions: torch.Tensor, axes_dim: tuple[int, ...], theta: floa
     return torch.cat(angles, dim=-1)
 
 
+def _patch_grid(h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column (float32) of each of the h * w patch tokens, in row-major order."""
+    rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    return rows, cols
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # diffusers' `apply_rotary_emb` takes one table for the whole batch; PixelHDM needs per-sample tables (image
     # tokens sit at the per-sample text length on axis 0), so the interleaved-pair rotation is written here.
@@ -409,24 +416,8 @@ class PixelHDMTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Atte
         norm_eps: float = 1e-6,
     ):
         super().__init__()
-        _validate_config(
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            pixel_dim=pixel_dim,
-            num_patch_layers=num_patch_layers,
-            num_pixel_layers=num_pixel_layers,
-            num_attention_heads=num_attention_heads,
-            num_key_value_heads=num_key_value_heads,
-            attention_head_dim=attention_head_dim,
-            mlp_ratio=mlp_ratio,
-            bottleneck_dim=bottleneck_dim,
-            text_embed_dim=text_embed_dim,
-            rope_axes_dim=rope_axes_dim,
-            rope_theta=rope_theta,
-            repa_align_layer=repa_align_layer,
-            norm_eps=norm_eps,
-        )
+        # register_to_config has already stored every argument; validate them all in one place.
+        _validate_config(**{**self.config, "rope_axes_dim": rope_axes_dim})
         self.rope_axes_dim = tuple(rope_axes_dim)
         pixels_per_patch = patch_size * patch_size
 
@@ -502,8 +493,7 @@ class PixelHDMTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Atte
     def _joint_rope(self, batch: int, text_len: int, lengths: torch.Tensor | None, h: int, w: int, device):
         """cos/sin (B or 1, T + L, 1, head_dim // 2): text token n at (n, 0, 0), image token (r, c) at
         (len_b, r, c) with len_b the true text length of sample b."""
-        rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
-        cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+        rows, cols = _patch_grid(h, w, device)
         text = torch.arange(text_len, device=device, dtype=torch.float32)
         text_ids = torch.stack([text, torch.zeros_like(text), torch.zeros_like(text)], dim=-1)
         if lengths is None:
@@ -518,8 +508,7 @@ class PixelHDMTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Atte
 
     def _pixel_rope(self, h: int, w: int, device):
         """cos/sin (1, L, 1, head_dim // 2) for the compaction attention: patch token (r, c) at (0, r, c)."""
-        rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
-        cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+        rows, cols = _patch_grid(h, w, device)
         ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)[None]
         angles = _rope_angles(ids, self.rope_axes_dim, self.config.rope_theta).unsqueeze(2)
         return angles.cos(), angles.sin()
