@@ -1,0 +1,344 @@
+#!/usr/bin/env python
+"""Train `PixelHDMTransformer2DModel` (flow matching, frozen Qwen3 text encoder) with accelerate.
+
+    accelerate launch training/train_pixelhdm.py --config training/configs/pixelhdm_shapes.yaml
+    torchrun --nproc_per_node 2 training/train_pixelhdm.py --config ...   # two CPU processes (gloo)
+
+Losses (each weight configurable): velocity MSE, the JPEG-weighted DCT frequency loss, REPA against DINOv3 patch
+features until `--repa_early_stop` (the projector is trained, checkpointed and saved, which upstream never did) and the
+pixel AdaLN gamma L2 term. The final pipeline (EMA weights when `--use_ema`) is written to `output_dir/pipeline`;
+with `--lora_rank` the LoRA weights go to `output_dir/lora` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from pixel_diffusers import PixelFlowMatchScheduler, PixelHDMPipeline, PixelHDMTransformer2DModel
+from pixel_diffusers.models.transformers.transformer_pixelhdm import PIXELHDM_PRESETS
+from pixel_diffusers.training_utils import (
+    AdaptiveGradClip,
+    CheckpointManager,
+    DINOv3Features,
+    FrequencyLoss,
+    LossSpikeGuard,
+    REPALoss,
+    TrainingState,
+    add_common_training_args,
+    add_image_data_args,
+    build_image_batches,
+    build_lr_scheduler,
+    build_optimizer,
+    log_sample_grid,
+    make_accelerator,
+    parse_args,
+    push_checkpoint,
+    run_with_oom_retry,
+    sample_flow_sigmas,
+    shapes,
+    step_generator,
+    training_config_yaml,
+)
+
+logger = logging.getLogger("train_pixelhdm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_training_args(parser)
+    add_image_data_args(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="A PixelHDM pipeline (folder or Hub id): text encoder, tokenizer, scheduler and, unless "
+                            "--preset is given, the transformer to continue from.")
+    model.add_argument("--preset", choices=sorted(PIXELHDM_PRESETS), default=None, help="Start a fresh transformer.")
+    model.add_argument("--transformer_config", type=json.loads, default=None,
+                       help='JSON overrides of the preset, e.g. \'{"patch_size": 8}\'.')
+    model.add_argument("--text_encoder_name_or_path", type=str, default=None, help="Qwen3 model with its tokenizer.")
+    model.add_argument("--tiny_text_encoder", action="store_true",
+                       help="Use the tiny Qwen3 built in code by pixel_diffusers.testing (offline demos and tests).")
+    model.add_argument("--max_sequence_length", type=int, default=511)
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--t_eps", type=float, default=0.05, help="Training times t = 1 - sigma lie in [t_eps, 1-t_eps].")
+    loss.add_argument("--time_sampling", choices=("logit_normal", "uniform"), default="logit_normal")
+    loss.add_argument("--logit_mean", type=float, default=0.0)
+    loss.add_argument("--logit_std", type=float, default=1.0)
+    loss.add_argument("--freq_loss_weight", type=float, default=1.0, help="0 disables the frequency loss.")
+    loss.add_argument("--freq_quality", type=int, default=90)
+    loss.add_argument("--repa_encoder_name_or_path", type=str, default=None, help="DINOv3 model; None disables REPA.")
+    loss.add_argument("--repa_weight", type=float, default=0.5)
+    loss.add_argument("--repa_early_stop", type=int, default=10000, help="REPA applies to steps below this.")
+    loss.add_argument("--gamma_l2_weight", type=float, default=1e-4)
+    sampling = parser.add_argument_group("validation sampling")
+    sampling.add_argument("--validation_num_inference_steps", type=int, default=20)
+    sampling.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    sampling.add_argument("--validation_resolution", type=int, default=None, help="Defaults to --min_resolution.")
+    return parser
+
+
+def load_pipeline(args) -> PixelHDMPipeline:
+    """The pipeline whose transformer is trained: from a pretrained pipeline, or a preset with a text encoder."""
+    if args.pretrained_model_name_or_path:
+        pipe = PixelHDMPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        if args.preset is None:
+            return pipe
+        components = dict(pipe.components)
+    elif args.preset is None:
+        raise ValueError("Give --pretrained_model_name_or_path or --preset.")
+    else:
+        components = {"scheduler": PixelFlowMatchScheduler(solver="heun")}
+    transformer = PixelHDMTransformer2DModel.from_preset(args.preset, **(args.transformer_config or {}))
+    components["transformer"] = transformer
+    if args.tiny_text_encoder:
+        from pixel_diffusers.testing import make_tiny_qwen3_text_encoder, make_tiny_tokenizer
+
+        components["text_encoder"] = make_tiny_qwen3_text_encoder(transformer.config.text_embed_dim, seed=args.seed)
+        components["tokenizer"] = make_tiny_tokenizer()
+    elif args.text_encoder_name_or_path:
+        from transformers import AutoModel, AutoTokenizer
+
+        components["text_encoder"] = AutoModel.from_pretrained(args.text_encoder_name_or_path)
+        components["tokenizer"] = AutoTokenizer.from_pretrained(args.text_encoder_name_or_path)
+    elif "text_encoder" not in components:
+        raise ValueError("A fresh transformer needs --text_encoder_name_or_path, --tiny_text_encoder or a pipeline.")
+    return PixelHDMPipeline(**components)
+
+
+def add_lora(transformer, args) -> None:
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha or args.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+
+
+def validation_prompts(args) -> list[str]:
+    if args.validation_prompts:
+        return args.validation_prompts
+    if args.shapes_dataset_size:
+        return [shapes.caption(*combo) for combo in shapes.evaluation_prompts(16, seed=1)]
+    return []
+
+
+@torch.no_grad()
+def sample_grid(pipe, transformer, ema, args, accelerator, step: int, name: str):
+    """Generates the validation prompts with the current (EMA) weights and logs the grid."""
+    prompts = validation_prompts(args)
+    if not prompts:
+        return None
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    transformer.eval()
+    resolution = args.validation_resolution or args.min_resolution
+    images = pipe(
+        prompts, height=resolution, width=resolution, num_inference_steps=args.validation_num_inference_steps,
+        guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(args.seed),
+        max_sequence_length=args.max_sequence_length,
+    ).images
+    transformer.train()
+    if ema is not None:
+        ema.restore(trainable)
+    return log_sample_grid(accelerator, images, args.output_dir, step, name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(build_parser(), argv)
+    accelerator = make_accelerator(args, "train_pixelhdm")
+    device = accelerator.device
+    pipe = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    transformer = pipe.transformer.train()
+    pipe.text_encoder.requires_grad_(False).eval().to(device)
+    if args.lora_rank:
+        add_lora(transformer, args)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    frequency_loss = FrequencyLoss(args.freq_quality, args.freq_loss_weight).to(device) if args.freq_loss_weight else None
+    dino = repa_loss = None
+    if args.repa_encoder_name_or_path:
+        dino = DINOv3Features.from_pretrained(args.repa_encoder_name_or_path).to(device)
+        repa_loss = REPALoss(transformer.config.hidden_size, dino.feature_dim, args.repa_weight)
+
+    named = list(transformer.named_parameters())
+    if repa_loss is not None:
+        named += [(f"repa.{n}", p) for n, p in repa_loss.named_parameters()]
+    optimizer = build_optimizer(
+        named, args.optimizer, args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
+        args.adam_weight_decay,
+    )
+    processes = accelerator.num_processes  # accelerate steps a prepared scheduler once per process
+    lr_scheduler = build_lr_scheduler(
+        args.lr_scheduler, optimizer, args.lr_warmup_steps * processes, args.max_train_steps * processes,
+        steps_per_cycle=(args.lr_cycle_steps or args.max_train_steps) * processes,
+    )
+    batches, dataset = build_image_batches(args, accelerator.num_processes, accelerator.process_index)
+
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel([p for p in transformer.parameters() if p.requires_grad], decay=args.ema_decay)
+    if repa_loss is not None:
+        transformer, repa_loss, optimizer, lr_scheduler = accelerator.prepare(transformer, repa_loss, optimizer, lr_scheduler)
+    else:
+        transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    model = accelerator.unwrap_model(transformer)
+    clipper = AdaptiveGradClip(args.max_grad_norm, args.zclip_threshold)
+    state = TrainingState(step=0, images_seen=0, skipped_files=0, skipped_batches=0)
+    for stateful in (batches, clipper, state) + ((ema,) if ema is not None else ()):
+        accelerator.register_for_checkpointing(stateful)
+    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
+    checkpoints.resume(accelerator, args.resume_from_checkpoint)
+    if ema is not None:
+        ema.to(device)
+    guard = LossSpikeGuard(model, optimizer, ema, args.spike_rollback_every, args.spike_factor) if args.spike_rollback_every else None
+    if dataset is not None and dataset.num_unreadable:
+        state.skipped_files = max(state.skipped_files, dataset.num_unreadable)
+
+    def micro_step(batch, generator) -> dict[str, torch.Tensor]:
+        pixels = batch["pixel_values"].to(device)
+        with torch.no_grad():
+            embeds, mask, _, _ = pipe.encode_prompt(
+                batch["captions"], do_classifier_free_guidance=False, device=device,
+                max_sequence_length=args.max_sequence_length,
+            )
+            pooled = PixelHDMPipeline.pool_prompt_embeds(embeds, mask)
+        sigmas = sample_flow_sigmas(
+            len(pixels), generator, args.time_sampling, args.logit_mean, args.logit_std, args.t_eps
+        ).to(device)
+        noise = torch.randn(pixels.shape, generator=generator).to(device)
+        noisy = (1 - sigmas.view(-1, 1, 1, 1)) * pixels + sigmas.view(-1, 1, 1, 1) * noise
+        use_repa = repa_loss is not None and state.step < args.repa_early_stop
+        with accelerator.autocast():
+            output = transformer(
+                noisy, timestep=sigmas * 1000, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                pooled_projections=pooled, return_aux=use_repa or args.gamma_l2_weight > 0,
+            )
+        prediction, target = output.sample.float(), pixels - noise
+        terms = {"v_loss": F.mse_loss(prediction, target)}
+        if frequency_loss is not None:
+            terms["freq_loss"] = frequency_loss(prediction, target)
+        if use_repa:
+            features, feature_grid = dino(pixels)
+            grid = (pixels.shape[-2] // model.config.patch_size, pixels.shape[-1] // model.config.patch_size)
+            terms["repa_loss"] = repa_loss(output.repa_features, grid, features, feature_grid)
+        if args.gamma_l2_weight > 0:
+            terms["gamma_l2"] = args.gamma_l2_weight * output.gamma_l2.float()
+        loss = sum(terms.values())
+        accelerator.backward(loss / args.gradient_accumulation_steps)
+        return {name: value.detach() for name, value in terms.items()} | {"loss": loss.detach(), "images": len(pixels)}
+
+    stream = iter(batches)
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    if repa_loss is not None:
+        trainable += list(repa_loss.parameters())
+    ema_params = [p for p in model.parameters() if p.requires_grad]
+    logger.info("Training from step %d to %d on %d process(es).", state.step, args.max_train_steps, processes)
+    while state.step < args.max_train_steps:
+        if guard is not None:
+            guard.maybe_snapshot(state.step)
+        results = []
+        for micro in range(args.gradient_accumulation_steps):
+            batch = next(stream)
+            state.skipped_files += batch["num_skipped"]
+            if batch["pixel_values"] is None:
+                continue
+            generator = step_generator(args.seed, state.step * args.gradient_accumulation_steps + micro, accelerator.process_index)
+            sync = accelerator.no_sync(transformer) if micro < args.gradient_accumulation_steps - 1 else contextlib.nullcontext()
+            with sync:
+                result = run_with_oom_retry(lambda b: micro_step(b, generator), batch, optimizer)
+            if result is not None:
+                results.append(result)
+        if not results:
+            state.skipped_batches += 1
+            state.step += 1
+            continue
+        loss = accelerator.reduce(torch.stack([r["loss"] for r in results]).mean().to(device), reduction="mean").item()
+        if guard is not None and guard.is_spike(loss):
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            continue
+        grad_norm = clipper.clip(accelerator, trainable)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(ema_params)
+        state.step += 1
+        state.images_seen += sum(r["images"] for r in results) * processes
+        logs = {name: torch.stack([r[name] for r in results]).mean().item() for name in results[0] if name != "images"}
+        logs |= {"grad_norm": grad_norm, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": state.skipped_files}
+        accelerator.log(logs, step=state.step)
+        if state.step % 10 == 0 or state.step == 1:
+            logger.info("step %d: %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
+            path = checkpoints.save(accelerator, state.step)
+            if args.push_checkpoints_to_hub and accelerator.is_main_process:
+                push_checkpoint(args, path)
+        if args.validation_steps and state.step % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                sample_grid(pipe, model, ema, args, accelerator, state.step, f"step-{state.step}")
+            accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        save_outputs(pipe, model, ema, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator, state)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def save_outputs(pipe, model, ema, repa_loss, args, accelerator, state) -> None:
+    """Writes the final pipeline (or LoRA), the REPA projector and a sample grid; pushes them when asked."""
+    output_dir = Path(args.output_dir)
+    grid = sample_grid(pipe, model, ema, args, accelerator, state.step, "final")
+    if ema is not None:
+        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    pipe.transformer = model.eval()
+    card = {"training_config": training_config_yaml(args)}
+    if grid is not None:
+        card["sample_grid"] = "samples.png"
+        resolution = args.validation_resolution or args.min_resolution
+        card |= {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
+    hub = {"repo_id": args.hub_model_id, "token": args.hub_token, "private": args.hub_private_repo or None}
+    if args.lora_rank:
+        from peft.utils import get_peft_model_state_dict
+
+        folder = output_dir / "lora"
+        PixelHDMPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
+        if grid is not None:
+            shutil.copy(grid, folder / "samples.png")
+        if args.push_to_hub:
+            pipe._upload(str(folder), args.hub_model_id, args.hub_token, hub["private"], model_card_kwargs=card)
+    else:
+        folder = output_dir / "pipeline"
+        pipe.save_pretrained(folder)
+        if grid is not None:
+            shutil.copy(grid, folder / "samples.png")
+        if args.push_to_hub:
+            pipe.save_pretrained(folder, push_to_hub=True, model_card_kwargs=card, **hub)
+    if repa_loss is not None:
+        save_file({k: v.contiguous() for k, v in repa_loss.projector.state_dict().items()}, output_dir / "repa_projector.safetensors")
+    logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, state.step, state.images_seen,
+                state.skipped_files)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
