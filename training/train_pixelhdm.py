@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
 from pixel_diffusers import PixelFlowMatchScheduler, PixelHDMPipeline, PixelHDMTransformer2DModel
@@ -159,9 +160,10 @@ def sample_grid(pipe, transformer, ema, args, accelerator, step: int, name: str)
     return log_sample_grid(accelerator, images, args.output_dir, step, name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> TrainingState:
     args = parse_args(build_parser(), argv)
     accelerator = make_accelerator(args, "train_pixelhdm")
+    set_seed(args.seed)  # the same fresh weights on every process and every run
     device = accelerator.device
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         save_outputs(pipe, model, ema, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator, state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return state
 
 
 def save_outputs(pipe, model, ema, repa_loss, args, accelerator, state) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,9 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.Argume
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parses `argv`; values in the `--config` YAML become defaults, so anything on the command line overrides them."""
-    known, _ = parser.parse_known_args(argv)
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config", default=None)
+    known, _ = config_only.parse_known_args(argv)
     if known.config:
         with open(known.config, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
@@ -101,7 +104,11 @@ def make_accelerator(args: argparse.Namespace, project_name: str):
     from accelerate.utils import ProjectConfiguration
 
     report_to = None if args.report_to == "none" else args.report_to
+    # Without a GPU, accelerate only forms a process group (gloo) when told to run on CPU: `torchrun` with several
+    # processes on a CPU machine then trains data-parallel instead of running independent copies.
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=several_processes and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
