@@ -5,18 +5,47 @@ Every public class is imported eagerly: diffusers (0.42) resolves the component 
 """
 
 from .hub import register_with_diffusers
-from .models import PixelHDMTransformer2DModel
-from .pipelines import PixelHDMLoraLoaderMixin, PixelHDMPipeline
-from .schedulers import PixelFlowMatchScheduler
+from .models import (
+    ConditionalMLP,
+    IdealDenoiser,
+    NearestDatasetDenoiser,
+    OptimalDenoiser,
+    PCALocalityDenoiser,
+    PixelHDMTransformer2DModel,
+    SmallDiT,
+    SmallUNet,
+    SmoothedCFDMDenoiser,
+    Swissroll,
+    TimeInputMLP,
+    TreeDataset,
+    WienerDenoiser,
+)
+from .pipelines import AnalyticDiffusionPipeline, PixelHDMLoraLoaderMixin, PixelHDMPipeline, SmallDiffusionPipeline
+from .schedulers import GradientEstimationScheduler, PixelFlowMatchScheduler
 
 __version__ = "0.1.0"
 
-register_with_diffusers(PixelHDMPipeline)
+register_with_diffusers(AnalyticDiffusionPipeline, PixelHDMPipeline, SmallDiffusionPipeline)
 
 __all__ = [
+    "AnalyticDiffusionPipeline",
+    "ConditionalMLP",
+    "GradientEstimationScheduler",
+    "IdealDenoiser",
+    "NearestDatasetDenoiser",
+    "OptimalDenoiser",
+    "PCALocalityDenoiser",
     "PixelFlowMatchScheduler",
     "PixelHDMLoraLoaderMixin",
     "PixelHDMPipeline",
     "PixelHDMTransformer2DModel",
+    "SmallDiT",
+    "SmallDiffusionPipeline",
+    "SmallUNet",
+    "SmoothedCFDMDenoiser",
+    "Swissroll",
+    "TimeInputMLP",
+    "TreeDataset",
+    "WienerDenoiser",
     "register_with_diffusers",
 ]

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .pipelines.analytic.cli import add_subparser as add_analytic_subparser
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -76,6 +78,7 @@ def cmd_convert(args) -> None:
     print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.dst}")
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixel-diffusers", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu")
     add_sampling_arguments(generate, ["a red circle on a blue background"], 512, 30)
     generate.set_defaults(func=cmd_generate)
+
+    add_analytic_subparser(commands)
 
     demo = commands.add_parser(
         "demo", help="save an untrained tiny PixelHDM pipeline, load it back and generate (offline, seconds)"

@@ -1,3 +1,28 @@
+from .analytic import (
+    ANALYTIC_DENOISERS,
+    NearestDatasetDenoiser,
+    OptimalDenoiser,
+    PCALocalityDenoiser,
+    SmoothedCFDMDenoiser,
+    WienerDenoiser,
+)
+from .small import ConditionalMLP, IdealDenoiser, SmallDiT, SmallUNet, Swissroll, TimeInputMLP, TreeDataset
 from .transformers import PixelHDMTransformer2DModel, PixelHDMTransformerOutput
 
-__all__ = ["PixelHDMTransformer2DModel", "PixelHDMTransformerOutput"]
+__all__ = [
+    "ANALYTIC_DENOISERS",
+    "ConditionalMLP",
+    "IdealDenoiser",
+    "NearestDatasetDenoiser",
+    "OptimalDenoiser",
+    "PCALocalityDenoiser",
+    "PixelHDMTransformer2DModel",
+    "PixelHDMTransformerOutput",
+    "SmallDiT",
+    "SmallUNet",
+    "SmoothedCFDMDenoiser",
+    "Swissroll",
+    "TimeInputMLP",
+    "TreeDataset",
+    "WienerDenoiser",
+]

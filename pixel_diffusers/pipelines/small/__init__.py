@@ -1,0 +1,3 @@
+from .pipeline_small import SmallDiffusionPipeline, SmallDiffusionPipelineOutput
+
+__all__ = ["SmallDiffusionPipeline", "SmallDiffusionPipelineOutput"]
