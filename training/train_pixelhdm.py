@@ -13,10 +13,8 @@ with `--lora_rank` the LoRA weights go to `output_dir/lora` instead.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -43,12 +41,10 @@ from pixel_diffusers.training_utils import (
     log_sample_grid,
     make_accelerator,
     parse_args,
-    push_checkpoint,
-    run_with_oom_retry,
     sample_flow_sigmas,
+    save_final_outputs,
     shapes,
-    step_generator,
-    training_config_yaml,
+    train_loop,
 )
 
 logger = logging.getLogger("train_pixelhdm")
@@ -249,58 +245,13 @@ def main(argv: list[str] | None = None) -> TrainingState:
         accelerator.backward(loss / args.gradient_accumulation_steps)
         return {name: value.detach() for name, value in terms.items()} | {"loss": loss.detach(), "images": len(pixels)}
 
-    stream = iter(batches)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     if repa_loss is not None:
         trainable += list(repa_loss.parameters())
-    ema_params = [p for p in model.parameters() if p.requires_grad]
-    logger.info("Training from step %d to %d on %d process(es).", state.step, args.max_train_steps, processes)
-    while state.step < args.max_train_steps:
-        if guard is not None:
-            guard.maybe_snapshot(state.step)
-        results = []
-        for micro in range(args.gradient_accumulation_steps):
-            batch = next(stream)
-            state.skipped_files += batch["num_skipped"]
-            if batch["pixel_values"] is None:
-                continue
-            generator = step_generator(args.seed, state.step * args.gradient_accumulation_steps + micro, accelerator.process_index)
-            sync = accelerator.no_sync(transformer) if micro < args.gradient_accumulation_steps - 1 else contextlib.nullcontext()
-            with sync:
-                result = run_with_oom_retry(lambda b: micro_step(b, generator), batch, optimizer)
-            if result is not None:
-                results.append(result)
-        if not results:
-            state.skipped_batches += 1
-            state.step += 1
-            continue
-        loss = accelerator.reduce(torch.stack([r["loss"] for r in results]).mean().to(device), reduction="mean").item()
-        if guard is not None and guard.is_spike(loss):
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            continue
-        grad_norm = clipper.clip(accelerator, trainable)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(ema_params)
-        state.step += 1
-        state.images_seen += sum(r["images"] for r in results) * processes
-        logs = {name: torch.stack([r[name] for r in results]).mean().item() for name in results[0] if name != "images"}
-        logs |= {"grad_norm": grad_norm, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": state.skipped_files}
-        accelerator.log(logs, step=state.step)
-        if state.step % 10 == 0 or state.step == 1:
-            logger.info("step %d: %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-        if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
-            path = checkpoints.save(accelerator, state.step)
-            if args.push_checkpoints_to_hub and accelerator.is_main_process:
-                push_checkpoint(args, path)
-        if args.validation_steps and state.step % args.validation_steps == 0:
-            if accelerator.is_main_process:
-                sample_grid(pipe, model, ema, args, accelerator, state.step, f"step-{state.step}")
-            accelerator.wait_for_everyone()
-
+    train_loop(
+        accelerator, args, transformer, optimizer, lr_scheduler, batches, micro_step, state, checkpoints, clipper,
+        trainable, ema, guard, validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
+    )
     if accelerator.is_main_process:
         save_outputs(pipe, model, ema, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator, state)
     accelerator.wait_for_everyone()
@@ -310,35 +261,21 @@ def main(argv: list[str] | None = None) -> TrainingState:
 
 def save_outputs(pipe, model, ema, repa_loss, args, accelerator, state) -> None:
     """Writes the final pipeline (or LoRA), the REPA projector and a sample grid; pushes them when asked."""
-    output_dir = Path(args.output_dir)
     grid = sample_grid(pipe, model, ema, args, accelerator, state.step, "final")
-    if ema is not None:
-        ema.copy_to([p for p in model.parameters() if p.requires_grad])
-    pipe.transformer = model.eval()
-    card = {"training_config": training_config_yaml(args)}
+    card = {}
     if grid is not None:
-        card["sample_grid"] = "samples.png"
         resolution = args.validation_resolution or args.min_resolution
-        card |= {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
-    hub = {"repo_id": args.hub_model_id, "token": args.hub_token, "private": args.hub_private_repo or None}
-    if args.lora_rank:
+        card = {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
+
+    def save_lora(folder, lora_model):
         from peft.utils import get_peft_model_state_dict
 
-        folder = output_dir / "lora"
-        PixelHDMPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
-        if grid is not None:
-            shutil.copy(grid, folder / "samples.png")
-        if args.push_to_hub:
-            pipe._upload(str(folder), args.hub_model_id, args.hub_token, hub["private"], model_card_kwargs=card)
-    else:
-        folder = output_dir / "pipeline"
-        pipe.save_pretrained(folder)
-        if grid is not None:
-            shutil.copy(grid, folder / "samples.png")
-        if args.push_to_hub:
-            pipe.save_pretrained(folder, push_to_hub=True, model_card_kwargs=card, **hub)
+        PixelHDMPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(lora_model))
+
+    folder = save_final_outputs(pipe, "transformer", model, ema, args, grid, save_lora, card)
     if repa_loss is not None:
-        save_file({k: v.contiguous() for k, v in repa_loss.projector.state_dict().items()}, output_dir / "repa_projector.safetensors")
+        projector = {k: v.contiguous() for k, v in repa_loss.projector.state_dict().items()}
+        save_file(projector, Path(args.output_dir) / "repa_projector.safetensors")
     logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, state.step, state.images_seen,
                 state.skipped_files)
 

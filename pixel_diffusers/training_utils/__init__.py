@@ -26,6 +26,7 @@ from .data import (
     load_image_caption_dataset,
     preprocess_image,
 )
+from .loop import save_final_outputs, train_loop
 from .losses import DINOv3Features, FrequencyLoss, REPALoss, sample_flow_sigmas
 from .optim import (
     AdaptiveGradClip,
@@ -68,8 +69,10 @@ __all__ = [
     "push_checkpoint",
     "run_with_oom_retry",
     "sample_flow_sigmas",
+    "save_final_outputs",
     "shapes",
     "step_generator",
     "stepped_cosine_restart_lambda",
+    "train_loop",
     "training_config_yaml",
 ]

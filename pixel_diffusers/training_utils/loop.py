@@ -1,0 +1,125 @@
+"""The optimisation loop every training script runs, and how a run's final outputs are written and pushed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpointing import CheckpointManager, TrainingState
+from .config import push_checkpoint, step_generator, training_config_yaml
+from .optim import AdaptiveGradClip, LossSpikeGuard, run_with_oom_retry
+
+logger = logging.getLogger(__name__)
+
+
+def train_loop(
+    accelerator,
+    args,
+    model,
+    optimizer,
+    lr_scheduler,
+    batches,
+    micro_step,
+    state: TrainingState,
+    checkpoints: CheckpointManager,
+    clipper: AdaptiveGradClip,
+    trainable: list[torch.nn.Parameter],
+    ema=None,
+    guard: LossSpikeGuard | None = None,
+    validate=None,
+) -> None:
+    """Runs optimiser steps from `state.step` to `args.max_train_steps`.
+
+    Each step accumulates `args.gradient_accumulation_steps` batches through `micro_step(batch, generator)`, which
+    does the forward and `accelerator.backward` and returns its detached loss terms (a "loss" key included) plus
+    "images". Batches with no readable image are skipped; an out-of-memory batch is retried halved; a loss spike rolls
+    back. Then come the adaptive clip, the optimiser, scheduler and EMA steps, logging, checkpoints every
+    `args.checkpointing_steps` (and at the end) and `validate(step)` on the main process every `args.validation_steps`.
+    The random draws of a step depend only on (seed, step, process), so resumed runs are exact.
+    """
+    accumulation = args.gradient_accumulation_steps
+    processes = accelerator.num_processes
+    ema_params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    stream = iter(batches)
+    logger.info("Training from step %d to %d on %d process(es).", state.step, args.max_train_steps, processes)
+    while state.step < args.max_train_steps:
+        if guard is not None:
+            guard.maybe_snapshot(state.step)
+        results = []
+        for micro in range(accumulation):
+            batch = next(stream)
+            state.skipped_files += batch["num_skipped"]
+            if batch["pixel_values"] is None:
+                continue
+            generator = step_generator(args.seed, state.step * accumulation + micro, accelerator.process_index)
+            sync = accelerator.no_sync(model) if micro < accumulation - 1 else contextlib.nullcontext()
+            with sync:
+                result = run_with_oom_retry(lambda b: micro_step(b, generator), batch, optimizer)
+            if result is not None:
+                results.append(result)
+        if not results:
+            state.skipped_batches += 1
+            state.step += 1
+            continue
+        loss = accelerator.reduce(torch.stack([r["loss"] for r in results]).mean().to(accelerator.device), "mean")
+        if guard is not None and guard.is_spike(loss.item()):
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            continue
+        grad_norm = clipper.clip(accelerator, trainable)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(ema_params)
+        state.step += 1
+        state.images_seen += sum(r["images"] for r in results) * processes
+        logs = {name: torch.stack([r[name] for r in results]).mean().item() for name in results[0] if name != "images"}
+        logs |= {"grad_norm": grad_norm, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": state.skipped_files}
+        accelerator.log(logs, step=state.step)
+        if state.step % 10 == 0 or state.step == 1:
+            logger.info("step %d: %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
+            path = checkpoints.save(accelerator, state.step)
+            if args.push_checkpoints_to_hub and accelerator.is_main_process:
+                push_checkpoint(args, path)
+        if validate is not None and args.validation_steps and state.step % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                validate(state.step)
+            accelerator.wait_for_everyone()
+
+
+def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None, save_lora, card_fields=None) -> Path:
+    """Writes the run's result (main process only) and pushes it when `args.push_to_hub`.
+
+    With EMA the averaged weights replace the trained ones. A full run saves the pipeline to `output_dir/pipeline`; a
+    LoRA run calls `save_lora(folder, model)` for `output_dir/lora`. The sample grid goes in as `samples.png` and the
+    model card carries the training configuration.
+    """
+    if ema is not None:
+        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    setattr(pipe, component, model.eval())
+    card = {"training_config": training_config_yaml(args), **(card_fields or {})}
+    if grid is not None:
+        card["sample_grid"] = "samples.png"
+    folder = Path(args.output_dir) / ("lora" if args.lora_rank else "pipeline")
+    if args.lora_rank:
+        save_lora(folder, model)
+    else:
+        pipe.save_pretrained(folder)
+    if grid is not None:
+        shutil.copy(grid, folder / "samples.png")
+    if args.push_to_hub:
+        private = args.hub_private_repo or None
+        if args.lora_rank:
+            pipe._upload(str(folder), args.hub_model_id, args.hub_token, private, model_card_kwargs=card)
+        else:
+            pipe.save_pretrained(
+                folder, push_to_hub=True, repo_id=args.hub_model_id, token=args.hub_token, private=private,
+                model_card_kwargs=card,
+            )
+    return folder
