@@ -12,6 +12,7 @@ from .models import (
     OptimalDenoiser,
     PCALocalityDenoiser,
     PixelHDMTransformer2DModel,
+    PixelSDXLUNet2DConditionModel,
     SmallDiT,
     SmallUNet,
     SmoothedCFDMDenoiser,
@@ -20,12 +21,18 @@ from .models import (
     TreeDataset,
     WienerDenoiser,
 )
-from .pipelines import AnalyticDiffusionPipeline, PixelHDMLoraLoaderMixin, PixelHDMPipeline, SmallDiffusionPipeline
+from .pipelines import (
+    AnalyticDiffusionPipeline,
+    PixelHDMLoraLoaderMixin,
+    PixelHDMPipeline,
+    PixelSDXLPipeline,
+    SmallDiffusionPipeline,
+)
 from .schedulers import GradientEstimationScheduler, PixelFlowMatchScheduler
 
 __version__ = "0.1.0"
 
-register_with_diffusers(AnalyticDiffusionPipeline, PixelHDMPipeline, SmallDiffusionPipeline)
+register_with_diffusers(AnalyticDiffusionPipeline, PixelHDMPipeline, PixelSDXLPipeline, SmallDiffusionPipeline)
 
 __all__ = [
     "AnalyticDiffusionPipeline",
@@ -39,6 +46,8 @@ __all__ = [
     "PixelHDMLoraLoaderMixin",
     "PixelHDMPipeline",
     "PixelHDMTransformer2DModel",
+    "PixelSDXLPipeline",
+    "PixelSDXLUNet2DConditionModel",
     "SmallDiT",
     "SmallDiffusionPipeline",
     "SmallUNet",

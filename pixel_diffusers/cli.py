@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .conversion.pixel_sdxl import add_subparser as add_pixel_sdxl_converter
+from .conversion.post_hoc_ema import add_subparser as add_post_hoc_ema_subparser
 from .pipelines.analytic.cli import add_subparser as add_analytic_subparser
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     pixelhdm.add_argument("--no-ema", action="store_true", help="convert the raw weights instead of the EMA ones")
     pixelhdm.add_argument("--preset", default=None, help="the architecture preset when the checkpoint has no config")
     pixelhdm.set_defaults(func=cmd_convert)
+    add_pixel_sdxl_converter(systems)
+    add_post_hoc_ema_subparser(commands)
     return parser
 
 

@@ -12,6 +12,11 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from .models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
+from .pipelines.pixel_sdxl.testing_utils import (  # re-exported: the tiny pixel-SDXL pipeline and its CLIP parts
+    make_tiny_clip_config,
+    make_tiny_clip_tokenizer,
+    make_tiny_pixel_sdxl_pipeline,
+)
 from .pipelines.pixelhdm.pipeline_pixelhdm import PixelHDMPipeline
 from .schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
 

@@ -8,6 +8,7 @@ from .analytic import (
 )
 from .small import ConditionalMLP, IdealDenoiser, SmallDiT, SmallUNet, Swissroll, TimeInputMLP, TreeDataset
 from .transformers import PixelHDMTransformer2DModel, PixelHDMTransformerOutput
+from .unets import PixelSDXLUNet2DConditionModel, PixelSDXLUNetOutput
 
 __all__ = [
     "ANALYTIC_DENOISERS",
@@ -18,6 +19,8 @@ __all__ = [
     "PCALocalityDenoiser",
     "PixelHDMTransformer2DModel",
     "PixelHDMTransformerOutput",
+    "PixelSDXLUNet2DConditionModel",
+    "PixelSDXLUNetOutput",
     "SmallDiT",
     "SmallUNet",
     "SmoothedCFDMDenoiser",

@@ -1,4 +1,5 @@
 from .analytic import AnalyticDiffusionPipeline, AnalyticPipelineOutput
+from .pixel_sdxl import PixelSDXLPipeline
 from .pixelhdm import PixelHDMLoraLoaderMixin, PixelHDMPipeline
 from .small import SmallDiffusionPipeline, SmallDiffusionPipelineOutput
 
@@ -7,6 +8,7 @@ __all__ = [
     "AnalyticPipelineOutput",
     "PixelHDMLoraLoaderMixin",
     "PixelHDMPipeline",
+    "PixelSDXLPipeline",
     "SmallDiffusionPipeline",
     "SmallDiffusionPipelineOutput",
 ]

@@ -1,0 +1,3 @@
+from .pipeline_pixel_sdxl import PixelSDXLPipeline
+
+__all__ = ["PixelSDXLPipeline"]

@@ -1,0 +1,463 @@
+"""Text-to-image generation with pixel-space SDXL, directly in pixel space (no VAE)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ...hub import PixelDiffusersHubMixin
+from ...models.unets.unet_pixel_sdxl import PixelSDXLUNet2DConditionModel
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# Upstream sampler's floor on sigma when an x0 estimate is turned into a noise / flow estimate (its T_EPS).
+SIGMA_FLOOR = 0.05
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from pixel_diffusers import PixelSDXLPipeline
+
+        >>> pipe = PixelSDXLPipeline.from_pretrained("org/pixel-sdxl", torch_dtype=torch.bfloat16)
+        >>> image = pipe("1girl, solo, looking at viewer, masterpiece", num_inference_steps=30).images[0]
+        ```
+"""
+
+
+class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusionXLLoraLoaderMixin):
+    r"""
+    Pixel-space SDXL text-to-image pipeline.
+
+    Components:
+        unet ([`PixelSDXLUNet2DConditionModel`]): predicts the clean image x0 in pixel space.
+        scheduler: a flow-matching scheduler, [`PixelFlowMatchScheduler`] by default (Euler with the flow shift 3,
+            upstream's sampler); diffusers' `FlowMatchEulerDiscreteScheduler` swaps in and gives the same images.
+        text_encoder ([`CLIPTextModel`]): CLIP ViT-L; its penultimate hidden states are the first 768 channels of the
+            context.
+        text_encoder_2 ([`CLIPTextModelWithProjection`]): OpenCLIP ViT-bigG; its penultimate hidden states are the
+            remaining 1280 channels, its projected end-of-text state the pooled embedding.
+        tokenizer, tokenizer_2 ([`CLIPTokenizer`]): 77-token prompts; the second pads with id 0 (open_clip's "!").
+
+    The model's x0 is converted to whatever `scheduler.config.prediction_type` expects in
+    [`~PixelSDXLPipeline.x0_to_prediction`], the one place that knows both conventions. Size and crop conditioning
+    (`original_size`, `crops_coords_top_left`, `target_size`) is SDXL's, and guidance mixes the two x0 estimates, as
+    upstream does.
+
+    Differences from the upstream sampler: the conditional and unconditional passes run as one batch (the same
+    numbers); the sampler state stays in float32 under half-precision weights.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "add_text_embeds", "add_time_ids"]
+    _model_card_template = "pixel_sdxl.md"
+
+    def __init__(
+        self,
+        unet: PixelSDXLUNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+    ):
+        super().__init__()
+        self.register_modules(
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+        )
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+        self.patch_size = unet.config.patch_size if unet is not None else 16
+        self.default_sample_size = 1024
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Text
+    # ------------------------------------------------------------------------------------------------------------
+    def _encode_text(self, tokenizer, text_encoder, prompt: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Penultimate hidden states (B, 77, width) and, for the projection model, the pooled embedding."""
+        length = tokenizer.model_max_length
+        input_ids = tokenizer(
+            prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+        untruncated = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+        if untruncated.shape[1] > length:
+            removed = tokenizer.batch_decode(untruncated[:, length - 1 : -1])
+            logger.warning(f"Prompts were truncated to {length} tokens; removed: {removed}")
+        output = text_encoder(input_ids.to(device), output_hidden_states=True)
+        pooled = output.text_embeds if isinstance(text_encoder, CLIPTextModelWithProjection) else None
+        return output.hidden_states[-2], pooled
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ):
+        r"""
+        Encodes prompts with both CLIP encoders into the context (B, 77, 768 + 1280) and the pooled embedding, repeated
+        `num_images_per_prompt` times. `prompt_2` goes to the second encoder (default: `prompt`). The unconditional
+        branch encodes `negative_prompt` ("" by default) normally, as training's caption dropout did.
+
+        Returns `(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)`; the
+        negative pair is `None` without guidance.
+        """
+        device = device or self._execution_device
+
+        def encode(first, second):
+            first = [first] if isinstance(first, str) else first
+            second = second or first
+            second = [second] if isinstance(second, str) else second
+            hidden_1, _ = self._encode_text(self.tokenizer, self.text_encoder, first, device)
+            hidden_2, pooled = self._encode_text(self.tokenizer_2, self.text_encoder_2, second, device)
+            return torch.cat([hidden_1, hidden_2], dim=-1), pooled
+
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = encode(prompt, prompt_2)
+        batch_size = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negative_prompt_2 = negative_prompt_2 or negative_prompt
+            negative_prompt = batch_size * [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            negative_prompt_2 = (
+                batch_size * [negative_prompt_2] if isinstance(negative_prompt_2, str) else negative_prompt_2
+            )
+            negative_prompt_embeds, negative_pooled_prompt_embeds = encode(negative_prompt, negative_prompt_2)
+
+        dtype = self.unet.dtype
+
+        def repeat(tensor):
+            return None if tensor is None else tensor.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        return (
+            repeat(prompt_embeds),
+            repeat(negative_prompt_embeds),
+            repeat(pooled_prompt_embeds),
+            repeat(negative_pooled_prompt_embeds),
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checks and helpers
+    # ------------------------------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        prompt_2,
+        negative_prompt,
+        negative_prompt_2,
+        height,
+        width,
+        num_inference_steps,
+        sigmas,
+        guidance_scale,
+        num_images_per_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        original_size,
+        crops_coords_top_left,
+        target_size,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`; both are None.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`, not both.")
+        batch = None
+        for name, value in (("prompt", prompt), ("prompt_2", prompt_2), ("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2)):
+            if value is None or isinstance(value, str):
+                continue
+            if not (isinstance(value, list) and value and all(isinstance(p, str) for p in value)):
+                raise ValueError(f"`{name}` must be a str or a non-empty list of str, got {type(value).__name__}.")
+        if prompt is not None:
+            batch = 1 if isinstance(prompt, str) else len(prompt)
+        elif prompt_embeds is not None:
+            batch = prompt_embeds.shape[0]
+        for name, value in (("prompt_2", prompt_2), ("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2)):
+            if isinstance(value, list) and len(value) != batch:
+                raise ValueError(f"`{name}` has {len(value)} entries but there are {batch} prompts.")
+        if prompt_2 is not None and prompt is None:
+            raise ValueError("`prompt_2` needs `prompt` (with `prompt_embeds`, encode both prompts yourself).")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Provide either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (the second encoder's pooled output).")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds`.")
+        context_width = self.unet.config.cross_attention_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (embeds.ndim != 3 or embeds.shape[-1] != context_width):
+                raise ValueError(f"`{name}` must have shape (batch, tokens, {context_width}), got {tuple(embeds.shape)}.")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError("`negative_prompt_embeds` and `prompt_embeds` must have the same shape.")
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % self.patch_size:
+                raise ValueError(f"`{name}` must be a positive multiple of the patch size {self.patch_size}, got {value}.")
+        for name, value in (("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left), ("target_size", target_size)):
+            if value is not None and (len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)):
+                raise ValueError(f"`{name}` must be a pair of numbers (height, width) / (top, left), got {value!r}.")
+        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps}.")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
+            )
+
+    def prepare_latents(self, batch_size, height, width, device, generator, latents=None) -> torch.Tensor:
+        """Pure Gaussian noise of shape (batch, 3, height, width) in float32 (the sampler state stays float32)."""
+        shape = (batch_size, self.unet.config.in_channels, height, width)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            return latents.to(device=device, dtype=torch.float32)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators but {batch_size} images are generated.")
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+    @staticmethod
+    def get_time_ids(original_size, crops_coords_top_left, target_size, batch_size: int, device) -> torch.Tensor:
+        """SDXL's size/crop conditioning (original h, w, crop top, left, target h, w) per sample, float32."""
+        values = list(original_size) + list(crops_coords_top_left) + list(target_size)
+        return torch.tensor([values], dtype=torch.float32, device=device).repeat(batch_size, 1)
+
+    def x0_to_prediction(self, x0: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Converts the model's x0 estimate into the prediction type the scheduler expects.
+
+        The noise and flow estimates divide by `max(sigma, 0.05)`, the floor upstream's sampler puts under `sigma`;
+        above it they are exact, so an Euler step on the flow equals upstream's re-noising step. diffusers' flow
+        schedulers without a `prediction_type` (FlowMatchEulerDiscreteScheduler) expect `flow_prediction`.
+        """
+        prediction_type = getattr(self.scheduler.config, "prediction_type", "flow_prediction")
+        if prediction_type == "sample":
+            return x0
+        flow = (sample - x0) / sigma.clamp(min=SIGMA_FLOOR)  # noise - x0
+        if prediction_type == "flow_prediction":
+            return flow
+        if prediction_type == "velocity":
+            return -flow
+        if prediction_type == "epsilon":
+            return x0 + flow
+        raise ValueError(
+            f"scheduler prediction_type {prediction_type!r} is not supported; use one of "
+            "'sample', 'flow_prediction', 'velocity', 'epsilon'."
+        )
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""
+        Generates images from text.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds` and `pooled_prompt_embeds`.
+            prompt_2 (`str` or `list[str]`, *optional*): the prompt(s) for the second text encoder (default: `prompt`).
+            negative_prompt, negative_prompt_2 (*optional*): the unconditional prompts for guidance ("" by default).
+            height, width (`int`, defaults to 1024): multiples of the patch size (16 or 32).
+            num_inference_steps (`int`, defaults to 30): Euler steps on the grid `1, (N-1)/N, ..., 1/N` (shifted by the
+                scheduler's `shift`), then the step to sigma 0.
+            sigmas (`list[float]`, *optional*): custom noise levels in (0, 1], decreasing; overrides that grid.
+            guidance_scale (`float`, defaults to 7.0): classifier-free guidance on the x0 estimates; `<= 1` disables
+                it.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator, or one per image.
+            latents (`torch.Tensor`, *optional*): initial noise of shape (batch, 3, height, width).
+            prompt_embeds, pooled_prompt_embeds: precomputed context (batch, 77, 2048) and pooled embedding.
+            negative_prompt_embeds, negative_pooled_prompt_embeds: the same for the unconditional branch.
+            original_size (`tuple[int, int]`, defaults to (height, width)), crops_coords_top_left (defaults to
+                (0, 0)), target_size (defaults to (height, width)): SDXL's size and crop conditioning, used for both
+                branches.
+            output_type (`str`, defaults to "pil"): "pil", "np", "pt" (images in [0, 1]) or "latent" (the raw
+                [-1, 1] tensor).
+            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] instead of a tuple.
+            cross_attention_kwargs (`dict`, *optional*): passed to the U-Net (e.g. `{"scale": lora_scale}`).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: called at the end of each step with the named
+                tensors; may return replacements.
+
+        Examples:
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height = height or self.default_sample_size
+        width = width or self.default_sample_size
+        self.check_inputs(
+            prompt,
+            prompt_2,
+            negative_prompt,
+            negative_prompt_2,
+            height,
+            width,
+            num_inference_steps,
+            sigmas,
+            guidance_scale,
+            num_images_per_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        device = self._execution_device
+
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            prompt,
+            prompt_2,
+            negative_prompt,
+            negative_prompt_2,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
+        batch_size = prompt_embeds.shape[0]
+        latents = self.prepare_latents(batch_size, height, width, device, generator, latents)
+        add_time_ids = self.get_time_ids(
+            original_size or (height, width), crops_coords_top_left, target_size or (height, width), batch_size, device
+        )
+        add_text_embeds = pooled_prompt_embeds
+        if self.do_classifier_free_guidance:
+            # Unconditional first, as in diffusers' SDXL; both branches get the same size conditioning.
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds])
+            add_time_ids = torch.cat([add_time_ids, add_time_ids])
+
+        if sigmas is None and not self.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)  # upstream's grid before 0
+        elif self.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = None  # such schedulers build their own flow sigmas and reject a list
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                sigma = t.float() / self.scheduler.config.num_train_timesteps
+                model_input = latents.to(self.unet.dtype)
+                if self.do_classifier_free_guidance:
+                    model_input = torch.cat([model_input, model_input])
+                x0 = self.unet(
+                    model_input,
+                    t.float().expand(model_input.shape[0]),
+                    encoder_hidden_states=prompt_embeds,
+                    added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=False,
+                )[0].float()
+                if self.do_classifier_free_guidance:
+                    x0_uncond, x0_cond = x0.chunk(2)
+                    x0 = x0_uncond + self.guidance_scale * (x0_cond - x0_uncond)
+                prediction = self.x0_to_prediction(x0, latents, sigma)
+                latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    add_text_embeds = callback_outputs.pop("add_text_embeds", add_text_embeds)
+                    add_time_ids = callback_outputs.pop("add_time_ids", add_time_ids)
+                progress_bar.update()
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(latents, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
