@@ -99,6 +99,24 @@ def test_toy_datasets():
     torch.testing.assert_close(tree[0][0], torch.zeros(2))
 
 
+def test_tree_on_leaf_measure():
+    tree = TreeDataset()
+    assert tree.on_leaf(tree.points, tree.labels).all()
+    assert tree.leaf_spacing == pytest.approx(torch.linalg.norm(tree.paths[0][-1] - tree.paths[1][-1]).item(), rel=1e-6)
+    # a point on the first-level trunk of leaves 0..15 is on each of them, and on no other leaf
+    trunk = (tree.paths[0][0] + tree.paths[0][1]) / 2
+    assert tree.on_leaf(trunk.expand(64, 2), torch.arange(64)).nonzero()[:, 0].tolist() == list(range(16))
+    # on leaf 1's last segment, 0.03 from leaf 0's path: on leaf 1 only (the old "within 0.04" counted it for leaf 0)
+    node, tip1 = tree.paths[1][-2], tree.paths[1][-1]
+    point = (node + 0.3 * (tip1 - node))[None]
+    assert tree.distance_to_path(point, torch.tensor([0])).item() < 0.04
+    assert not tree.on_leaf(point, torch.tensor([0])).item() and tree.on_leaf(point, torch.tensor([1])).item()
+    # the nearest path, but farther than half the leaf spacing from it
+    outside = tip1 * (1 + tree.leaf_spacing)
+    assert not tree.on_leaf(outside[None], torch.tensor([1])).item()
+    assert tree.on_leaf(outside[None], torch.tensor([1]), tolerance=2 * tree.leaf_spacing).item()
+
+
 def test_small_pipeline_with_ideal_denoiser_lands_on_training_points(tmp_path):
     roll = Swissroll(math.pi / 2, 5 * math.pi, 50)
     pipe = SmallDiffusionPipeline(IdealDenoiser().fit(roll), GradientEstimationScheduler(schedule="log_linear", gam=2.0))
@@ -131,10 +149,11 @@ def test_train_small_swissroll_learns_and_resumes(tmp_path):
     spec = importlib.util.spec_from_file_location("train_small", path)
     train_small = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_small)
-    argv = ["--data", "swissroll", "--batch_size", "100", "--checkpointing_steps", "150", "--output_dir", str(tmp_path)]
-    train_small.main(argv + ["--max_train_steps", "150"])
-    train_small.main(argv + ["--max_train_steps", "300", "--resume_from_checkpoint", "latest"])
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1].endswith("300")
+    argv = ["--data", "swissroll", "--batch_size", "100", "--checkpointing_steps", "100", "--lr_scheduler", "cosine",
+            "--output_dir", str(tmp_path)]
+    train_small.main(argv + ["--max_train_steps", "100"])
+    train_small.main(argv + ["--max_train_steps", "200", "--resume_from_checkpoint", "latest"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1].endswith("200")
     pipe = SmallDiffusionPipeline.from_pretrained(tmp_path)
     roll = Swissroll(math.pi / 2, 5 * math.pi, 100)
     args = train_small.parse_args(argv + ["--num_inference_steps", "10"])

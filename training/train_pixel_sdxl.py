@@ -49,9 +49,7 @@ from pixel_diffusers.models.unets.unet_pixel_sdxl import PIXEL_SDXL_PRESETS, Pix
 from pixel_diffusers.pipelines.pixel_sdxl.pipeline_pixel_sdxl import PixelSDXLPipeline
 from pixel_diffusers.schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
 from pixel_diffusers.training_utils import (
-    AdaptiveGradClip,
-    CheckpointManager,
-    LossSpikeGuard,
+    TrainingRun,
     TrainingState,
     add_common_training_args,
     add_image_data_args,
@@ -64,7 +62,6 @@ from pixel_diffusers.training_utils import (
     sample_flow_sigmas,
     save_final_outputs,
     shapes,
-    train_loop,
 )
 
 logger = logging.getLogger("train_pixel_sdxl")
@@ -451,24 +448,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
     else:
         batches, dataset = build_image_batches(args, processes, accelerator.process_index)
 
-    ema = None
-    if args.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel([p for p in unet.parameters() if p.requires_grad], decay=args.ema_decay)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    model = accelerator.unwrap_model(unet)
-    clipper = AdaptiveGradClip(args.max_grad_norm, args.zclip_threshold)
-    state = TrainingState(step=0, images_seen=0, skipped_files=0, skipped_batches=0)
-    for stateful in (batches, clipper, state) + ((ema,) if ema is not None else ()):
-        accelerator.register_for_checkpointing(stateful)
-    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-    checkpoints.resume(accelerator, args.resume_from_checkpoint)
-    if ema is not None:
-        ema.to(device)
-    guard = LossSpikeGuard(model, optimizer, ema, args.spike_rollback_every, args.spike_factor) if args.spike_rollback_every else None
-    if dataset is not None and dataset.num_unreadable:
-        state.skipped_files = max(state.skipped_files, dataset.num_unreadable)
+    run = TrainingRun.prepare(accelerator, args, unet, optimizer, lr_scheduler, batches, dataset)
+    unet, model, ema, state = run.model, run.unwrapped, run.ema, run.state
     patch = model.config.patch_size
 
     def micro_step(batch, generator) -> dict[str, torch.Tensor]:
@@ -509,9 +490,9 @@ def main(argv: list[str] | None = None) -> TrainingState:
 
     trainable = [p for p in unet.parameters() if p.requires_grad]
     logger.info("Stage %s: %d trainable parameters.", args.stage, sum(p.numel() for p in trainable))
-    train_loop(
-        accelerator, args, unet, optimizer, lr_scheduler, batches, micro_step, state, checkpoints, clipper, trainable,
-        ema, guard, validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
+    run.train(
+        accelerator, args, batches, micro_step, trainable,
+        validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
     )
     if accelerator.is_main_process:
         save_outputs(pipe, model, ema, args, accelerator, state)

@@ -26,12 +26,10 @@ from safetensors.torch import save_file
 from pixel_diffusers import PixelFlowMatchScheduler, PixelHDMPipeline, PixelHDMTransformer2DModel
 from pixel_diffusers.models.transformers.transformer_pixelhdm import PIXELHDM_PRESETS
 from pixel_diffusers.training_utils import (
-    AdaptiveGradClip,
-    CheckpointManager,
     DINOv3Features,
     FrequencyLoss,
-    LossSpikeGuard,
     REPALoss,
+    TrainingRun,
     TrainingState,
     add_common_training_args,
     add_image_data_args,
@@ -44,7 +42,6 @@ from pixel_diffusers.training_utils import (
     sample_flow_sigmas,
     save_final_outputs,
     shapes,
-    train_loop,
 )
 
 logger = logging.getLogger("train_pixelhdm")
@@ -190,27 +187,13 @@ def main(argv: list[str] | None = None) -> TrainingState:
     )
     batches, dataset = build_image_batches(args, accelerator.num_processes, accelerator.process_index)
 
-    ema = None
-    if args.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel([p for p in transformer.parameters() if p.requires_grad], decay=args.ema_decay)
+    run = TrainingRun.prepare(
+        accelerator, args, transformer, optimizer, lr_scheduler, batches, dataset,
+        extra_modules=(repa_loss,) if repa_loss is not None else (),
+    )
+    transformer, model, ema, state = run.model, run.unwrapped, run.ema, run.state
     if repa_loss is not None:
-        transformer, repa_loss, optimizer, lr_scheduler = accelerator.prepare(transformer, repa_loss, optimizer, lr_scheduler)
-    else:
-        transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    model = accelerator.unwrap_model(transformer)
-    clipper = AdaptiveGradClip(args.max_grad_norm, args.zclip_threshold)
-    state = TrainingState(step=0, images_seen=0, skipped_files=0, skipped_batches=0)
-    for stateful in (batches, clipper, state) + ((ema,) if ema is not None else ()):
-        accelerator.register_for_checkpointing(stateful)
-    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-    checkpoints.resume(accelerator, args.resume_from_checkpoint)
-    if ema is not None:
-        ema.to(device)
-    guard = LossSpikeGuard(model, optimizer, ema, args.spike_rollback_every, args.spike_factor) if args.spike_rollback_every else None
-    if dataset is not None and dataset.num_unreadable:
-        state.skipped_files = max(state.skipped_files, dataset.num_unreadable)
+        (repa_loss,) = run.extra_modules
 
     def micro_step(batch, generator) -> dict[str, torch.Tensor]:
         pixels = batch["pixel_values"].to(device)
@@ -248,9 +231,9 @@ def main(argv: list[str] | None = None) -> TrainingState:
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     if repa_loss is not None:
         trainable += list(repa_loss.parameters())
-    train_loop(
-        accelerator, args, transformer, optimizer, lr_scheduler, batches, micro_step, state, checkpoints, clipper,
-        trainable, ema, guard, validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
+    run.train(
+        accelerator, args, batches, micro_step, trainable,
+        validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
     )
     if accelerator.is_main_process:
         save_outputs(pipe, model, ema, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator, state)

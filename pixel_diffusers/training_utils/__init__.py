@@ -26,7 +26,7 @@ from .data import (
     load_image_caption_dataset,
     preprocess_image,
 )
-from .loop import save_final_outputs, train_loop
+from .loop import TrainingRun, save_final_outputs, train_loop
 from .losses import DINOv3Features, FrequencyLoss, REPALoss, sample_flow_sigmas
 from .optim import (
     AdaptiveGradClip,
@@ -52,6 +52,7 @@ __all__ = [
     "REPALoss",
     "SampledBatches",
     "StreamingBucketBatches",
+    "TrainingRun",
     "TrainingState",
     "add_common_training_args",
     "add_image_data_args",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,57 @@ from .config import push_checkpoint, step_generator, training_config_yaml
 from .optim import AdaptiveGradClip, LossSpikeGuard, run_with_oom_retry
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingRun:
+    """Everything a training loop holds, prepared by accelerate and restored from the checkpoint to resume."""
+
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped when distributed)
+    unwrapped: torch.nn.Module
+    extra_modules: tuple
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: object | None
+    clipper: AdaptiveGradClip
+    state: TrainingState
+    checkpoints: CheckpointManager
+    guard: LossSpikeGuard | None
+
+    @classmethod
+    def prepare(cls, accelerator, args, model, optimizer, lr_scheduler, batches, dataset=None, extra_modules=()):
+        """Prepares `model` (and trained `extra_modules`, e.g. a loss's projector) with accelerate, creates the EMA of
+        the model's trainable parameters (`args.use_ema`), the ZClip state and the loop counters, registers them and
+        the batch stream for checkpointing, and resumes from `args.resume_from_checkpoint`."""
+        ema = None
+        if args.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=args.ema_decay)
+        prepared = accelerator.prepare(model, *extra_modules, optimizer, lr_scheduler)
+        model, extra_modules, optimizer, lr_scheduler = prepared[0], tuple(prepared[1:-2]), prepared[-2], prepared[-1]
+        unwrapped = accelerator.unwrap_model(model)
+        clipper = AdaptiveGradClip(args.max_grad_norm, args.zclip_threshold)
+        state = TrainingState(step=0, images_seen=0, skipped_files=0, skipped_batches=0)
+        for stateful in (batches, clipper, state) + ((ema,) if ema is not None else ()):
+            accelerator.register_for_checkpointing(stateful)
+        checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
+        checkpoints.resume(accelerator, args.resume_from_checkpoint)
+        if ema is not None:
+            ema.to(accelerator.device)
+        guard = None
+        if args.spike_rollback_every:
+            guard = LossSpikeGuard(unwrapped, optimizer, ema, args.spike_rollback_every, args.spike_factor)
+        if dataset is not None and dataset.num_unreadable:
+            state.skipped_files = max(state.skipped_files, dataset.num_unreadable)
+        return cls(model, unwrapped, extra_modules, optimizer, lr_scheduler, ema, clipper, state, checkpoints, guard)
+
+    def train(self, accelerator, args, batches, micro_step, trainable, validate=None) -> None:
+        """`train_loop` with this run's pieces."""
+        train_loop(
+            accelerator, args, self.model, self.optimizer, self.lr_scheduler, batches, micro_step, self.state,
+            self.checkpoints, self.clipper, trainable, self.ema, self.guard, validate,
+        )
 
 
 def train_loop(

@@ -67,16 +67,32 @@ class TreeDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         return self.points[index], int(self.labels[index])
 
+    @property
+    def leaf_spacing(self) -> float:
+        """Distance between neighbouring leaves (adjacent points on the unit circle): ``2 sin(pi / leaves)``."""
+        return 2 * math.sin(math.pi / self.num_leaves)
+
+    def distance_to_paths(self, points: torch.Tensor) -> torch.Tensor:
+        """``[N, leaves]``: distance of each point to every root-to-leaf polyline.
+
+        Leaves that share a trunk segment get bitwise equal distances for a point nearest to that segment.
+        """
+        paths = torch.stack(self.paths)  # [leaves, depth + 1, 2]
+        start, segment = paths[:, :-1], paths[:, 1:] - paths[:, :-1]  # [leaves, depth, 2]
+        offset = points.float()[:, None, None] - start  # [N, leaves, depth, 2]
+        u = ((offset * segment).sum(-1) / segment.square().sum(-1)).clamp(0, 1)
+        return torch.linalg.norm(offset - u[..., None] * segment, dim=-1).amin(dim=-1)
+
     def distance_to_path(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Distance of each point to the root-to-leaf polyline of its label."""
-        distances = []
-        for point, label in zip(points.float(), labels.tolist()):
-            start, end = self.paths[label][:-1], self.paths[label][1:]
-            segment = end - start
-            u = (((point - start) * segment).sum(1) / segment.square().sum(1)).clamp(0, 1)
-            distances.append(torch.linalg.norm(start + u[:, None] * segment - point, dim=1).min())
-        return torch.stack(distances)
+        return self.distance_to_paths(points).gather(1, torch.as_tensor(labels).reshape(-1, 1))[:, 0]
 
-    def nearest_leaf(self, points: torch.Tensor) -> torch.Tensor:
-        """The label of the training point nearest to each point (the leaf a sample landed on)."""
-        return self.labels[torch.cdist(points.float(), self.points).argmin(dim=1)]
+    def on_leaf(self, points: torch.Tensor, labels: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
+        """Whether each point lies on its label's leaf: that leaf's path is (one of) the nearest of all paths (a point
+        on a shared trunk is on every leaf below it) and the point is within ``tolerance`` of it (defaults to half
+        the leaf spacing, where a leaf tip's own neighbourhood ends).
+        """
+        distances = self.distance_to_paths(points)
+        own = distances.gather(1, torch.as_tensor(labels).reshape(-1, 1))[:, 0]
+        tolerance = self.leaf_spacing / 2 if tolerance is None else tolerance
+        return (own <= distances.amin(dim=1)) & (own < tolerance)
