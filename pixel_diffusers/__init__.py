@@ -8,6 +8,7 @@ from .hub import register_with_diffusers
 from .models import (
     ConditionalMLP,
     IdealDenoiser,
+    JiTTransformer2DModel,
     NearestDatasetDenoiser,
     OptimalDenoiser,
     PCALocalityDenoiser,
@@ -23,25 +24,35 @@ from .models import (
 )
 from .pipelines import (
     AnalyticDiffusionPipeline,
+    JiTPipeline,
+    PixelDLMPipeline,
+    PixelDLMPipelineOutput,
     PixelHDMLoraLoaderMixin,
     PixelHDMPipeline,
     PixelSDXLPipeline,
     SmallDiffusionPipeline,
+    TextPixelCodec,
 )
 from .schedulers import GradientEstimationScheduler, PixelFlowMatchScheduler
 
 __version__ = "0.1.0"
 
-register_with_diffusers(AnalyticDiffusionPipeline, PixelHDMPipeline, PixelSDXLPipeline, SmallDiffusionPipeline)
+register_with_diffusers(
+    AnalyticDiffusionPipeline, JiTPipeline, PixelDLMPipeline, PixelHDMPipeline, PixelSDXLPipeline, SmallDiffusionPipeline
+)
 
 __all__ = [
     "AnalyticDiffusionPipeline",
     "ConditionalMLP",
     "GradientEstimationScheduler",
     "IdealDenoiser",
+    "JiTPipeline",
+    "JiTTransformer2DModel",
     "NearestDatasetDenoiser",
     "OptimalDenoiser",
     "PCALocalityDenoiser",
+    "PixelDLMPipeline",
+    "PixelDLMPipelineOutput",
     "PixelFlowMatchScheduler",
     "PixelHDMLoraLoaderMixin",
     "PixelHDMPipeline",
@@ -52,6 +63,7 @@ __all__ = [
     "SmallDiffusionPipeline",
     "SmallUNet",
     "SmoothedCFDMDenoiser",
+    "TextPixelCodec",
     "Swissroll",
     "TimeInputMLP",
     "TreeDataset",

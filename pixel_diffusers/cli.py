@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .conversion.jit import add_subparser as add_jit_converters
 from .conversion.pixel_sdxl import add_subparser as add_pixel_sdxl_converter
 from .conversion.post_hoc_ema import add_subparser as add_post_hoc_ema_subparser
 from .pipelines.analytic.cli import add_subparser as add_analytic_subparser
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pixelhdm.add_argument("--preset", default=None, help="the architecture preset when the checkpoint has no config")
     pixelhdm.set_defaults(func=cmd_convert)
     add_pixel_sdxl_converter(systems)
+    add_jit_converters(systems)
     add_post_hoc_ema_subparser(commands)
     return parser
 

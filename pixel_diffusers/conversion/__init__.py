@@ -1,12 +1,16 @@
+from .jit import JiTConversionReport, convert_jit_checkpoint, convert_pixeldlm_checkpoint
 from .pixel_sdxl import PixelSDXLConversionReport, convert_pixel_sdxl_checkpoint
 from .pixelhdm import PixelHDMConversionReport, convert_pixelhdm_checkpoint
 from .post_hoc_ema import post_hoc_ema, post_hoc_ema_weights
 
 __all__ = [
+    "JiTConversionReport",
     "PixelHDMConversionReport",
     "PixelSDXLConversionReport",
+    "convert_jit_checkpoint",
     "convert_pixel_sdxl_checkpoint",
     "convert_pixelhdm_checkpoint",
+    "convert_pixeldlm_checkpoint",
     "post_hoc_ema",
     "post_hoc_ema_weights",
 ]

@@ -7,13 +7,15 @@ from .analytic import (
     WienerDenoiser,
 )
 from .small import ConditionalMLP, IdealDenoiser, SmallDiT, SmallUNet, Swissroll, TimeInputMLP, TreeDataset
-from .transformers import PixelHDMTransformer2DModel, PixelHDMTransformerOutput
+from .transformers import JiTTransformer2DModel, JiTTransformerOutput, PixelHDMTransformer2DModel, PixelHDMTransformerOutput
 from .unets import PixelSDXLUNet2DConditionModel, PixelSDXLUNetOutput
 
 __all__ = [
     "ANALYTIC_DENOISERS",
     "ConditionalMLP",
     "IdealDenoiser",
+    "JiTTransformer2DModel",
+    "JiTTransformerOutput",
     "NearestDatasetDenoiser",
     "OptimalDenoiser",
     "PCALocalityDenoiser",

@@ -1,0 +1,229 @@
+"""JiTTransformer2DModel (JiT and PixelDLM architectures) and the upstream checkpoint converters."""
+
+import argparse
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from pixel_diffusers.conversion.jit import add_subparser, convert_jit_checkpoint, convert_pixeldlm_checkpoint
+from pixel_diffusers.models.transformers.transformer_jit import JiTTransformer2DModel, _apply_rope, _rope_angles
+
+TINY_JIT = dict(sample_size=16, patch_size=4, hidden_size=32, num_layers=3, num_attention_heads=2, bottleneck_dim=8,
+                num_classes=4, in_context_len=2, in_context_start=1)
+TINY_DLM = dict(architecture="pixeldlm", sample_size=8, patch_size=2, hidden_size=32, num_layers=2,
+                num_attention_heads=2)
+
+
+def randomized(model, seed=0):
+    """Non-zero weights everywhere (the zero-initialised modulation and output layers would hide most of the net)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "preset, parameters",
+    [("JiT-B/16", 131_123_712), ("JiT-B/32", 133_190_400), ("JiT-L/16", 458_877_664), ("JiT-H/16", 952_514_368),
+     ("PixelDLM-B/4", 127_681_584)],
+)
+def test_preset_parameter_counts(preset, parameters):
+    with torch.device("meta"):
+        model = JiTTransformer2DModel.from_preset(preset)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_jit_starts_at_zero_and_uses_time_and_class():
+    torch.manual_seed(0)
+    model = JiTTransformer2DModel(**TINY_JIT).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.count_nonzero(model(x, 500.0, class_labels=[0, 1]).sample) == 0  # zero-initialised output layer
+    model = randomized(model)
+    out = model(x, torch.tensor([300.0, 300.0]), class_labels=torch.tensor([0, 0])).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, model(x, 700.0, class_labels=[0, 0]).sample)
+    assert not torch.allclose(out, model(x, 300.0, class_labels=[0, 4]).sample)  # 4 = the null class
+
+
+def test_sincos_table_matches_the_mae_formula():
+    model = JiTTransformer2DModel(**TINY_JIT)
+    dim, grid = 32, 4
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    emb = lambda pos: np.concatenate([np.sin(np.outer(pos.ravel(), omega)), np.cos(np.outer(pos.ravel(), omega))], 1)
+    expected = np.concatenate([emb(cols), emb(rows)], axis=1)  # first half: column (MAE's grid[0]), then row
+    np.testing.assert_allclose(model.pos_embed[0].numpy(), expected, atol=1e-6)
+
+
+def test_rope_scores_depend_on_relative_positions_only():
+    head_dim, grid = 16, 4
+    angles = _rope_angles(grid, head_dim, 10000.0, 0, "cpu")
+    cos, sin = angles.cos(), angles.sin()
+    q, k = torch.randn(1, 1, 1, head_dim).expand(1, 16, 1, head_dim), torch.randn(1, 1, 1, head_dim).expand(1, 16, 1, head_dim)
+    qr, kr = _apply_rope(q, cos, sin)[0, :, 0], _apply_rope(k, cos, sin)[0, :, 0]
+    scores = qr @ kr.T
+    index = lambda r, c: r * grid + c
+    torch.testing.assert_close(scores[index(0, 0), index(1, 2)], scores[index(2, 1), index(3, 3)])
+    assert not torch.allclose(scores[index(0, 0), index(1, 2)], scores[index(0, 0), index(2, 1)])
+    prefixed = _rope_angles(grid, head_dim, 10000.0, 3, "cpu")
+    assert torch.count_nonzero(prefixed[:3]) == 0 and torch.equal(prefixed[3:], angles)
+
+
+def test_pixeldlm_masks():
+    torch.manual_seed(0)
+    model = randomized(JiTTransformer2DModel(**TINY_DLM))
+    x, cond = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    t = torch.tensor([999.0, 10.0])
+    uncond = model(x, t).sample
+    with_cond = model(x, t, condition=cond).sample
+    assert not torch.allclose(uncond, with_cond)
+    # A dropped condition (classifier-free guidance / condition dropout) is exactly the unconditional model.
+    mixed = model(x, t, condition=cond, condition_mask=torch.tensor([True, False])).sample
+    torch.testing.assert_close(mixed[0], with_cond[0])
+    torch.testing.assert_close(mixed[1], uncond[1])
+    # Invalid target patches are masked keys (their content is invisible) and their outputs are zero.
+    pixel_mask = torch.zeros(2, 8, 8)
+    pixel_mask[:, :4] = 1  # the top two patch rows
+    out = model(x, t, condition=cond, pixel_mask=pixel_mask).sample
+    assert torch.count_nonzero(out[:, :, 4:]) == 0
+    x2 = x.clone()
+    x2[:, :, 4:] = torch.rand(2, 3, 4, 8)
+    torch.testing.assert_close(model(x2, t, condition=cond, pixel_mask=pixel_mask).sample, out)
+    # No valid key at all: uniform attention instead of NaN (upstream's convention).
+    assert torch.isfinite(model(x, t, pixel_mask=torch.zeros(2, 8, 8)).sample).all()
+
+
+def test_pixel_decoder_output_range_and_validation():
+    model = randomized(JiTTransformer2DModel(**TINY_DLM, use_pixel_decoder=True, pixel_decoder_depth=2))
+    out = model(torch.rand(1, 3, 8, 8), 500.0).sample
+    assert out.shape == (1, 3, 8, 8) and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="pixel_decoder_depth"):
+        JiTTransformer2DModel(**TINY_DLM, use_pixel_decoder=True, pixel_decoder_depth=3)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [({"architecture": "dit"}, "architecture"), ({"sample_size": 18}, "sample_size"),
+     ({"hidden_size": 24, "num_attention_heads": 4}, "RoPE"), ({"in_context_start": 3}, "in_context_start"),
+     ({"dropout": 1.0}, "dropout"), ({"use_pixel_decoder": True}, "use_pixel_decoder"), ({"noise_scale": 0}, "noise_scale")],
+)
+def test_config_errors_name_the_argument(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        JiTTransformer2DModel(**{**TINY_JIT, **overrides})
+
+
+def test_input_errors():
+    jit, dlm = JiTTransformer2DModel(**TINY_JIT), JiTTransformer2DModel(**TINY_DLM)
+    with pytest.raises(ValueError, match="hidden_states"):
+        jit(torch.zeros(1, 3, 8, 8), 1.0, class_labels=[0])
+    with pytest.raises(ValueError, match="class_labels"):
+        jit(torch.zeros(1, 3, 16, 16), 1.0, class_labels=[5])
+    with pytest.raises(ValueError, match="class_labels is a JiT input"):
+        dlm(torch.zeros(1, 3, 8, 8), 1.0, class_labels=[0])
+    with pytest.raises(ValueError, match="condition_mask"):
+        dlm(torch.zeros(1, 3, 8, 8), 1.0, condition_mask=[True])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = randomized(JiTTransformer2DModel(**TINY_JIT, id2label={0: "red circle", 1: "blue square"}))
+    model.save_pretrained(tmp_path)
+    loaded = JiTTransformer2DModel.from_pretrained(tmp_path).eval()
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(loaded(x, 250.0, class_labels=[1]).sample, model(x, 250.0, class_labels=[1]).sample)
+    assert loaded.config.id2label == {"0": "red circle", "1": "blue square"}
+
+
+# --------------------------------------------------------------------------------------------------- converters
+# Upstream key names written out independently of the converter's rename tables.
+
+def _to_upstream_jit(state, model):
+    rules = [("time_embed.linear_1.", "t_embedder.mlp.0."), ("time_embed.linear_2.", "t_embedder.mlp.2."),
+             ("class_embed.", "y_embedder.embedding_table."), ("patch_embed.0.", "x_embedder.proj1."),
+             ("patch_embed.1.", "x_embedder.proj2."), ("in_context_pos_embed", "in_context_posemb"),
+             (".attn.norm_q.", ".attn.q_norm."), (".attn.norm_k.", ".attn.k_norm."), (".adaln.", ".adaLN_modulation.1."),
+             ("norm_out.", "final_layer.norm_final."), ("proj_out.", "final_layer.linear."),
+             ("adaln_out.", "final_layer.adaLN_modulation.1.")]
+    upstream = {}
+    for key, value in state.items():
+        for ours, theirs in rules:
+            key = key.replace(ours, theirs) if not (ours == ".adaln." and key.startswith("adaln_out")) else key
+        upstream["net." + key] = value
+    upstream["net.pos_embed"] = model.pos_embed.clone()
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    for name, prefix in (("feat_rope", 0), ("feat_rope_incontext", model.config.in_context_len)):
+        angles = _rope_angles(model.grid, head_dim, 10000.0, prefix, "cpu").repeat_interleave(2, -1)
+        upstream[f"net.{name}.freqs_cos"], upstream[f"net.{name}.freqs_sin"] = angles.cos(), angles.sin()
+    return upstream
+
+
+def test_jit_converter_round_trip_ema_choice_and_strictness(tmp_path):
+    model = randomized(JiTTransformer2DModel(**TINY_JIT))
+    upstream = _to_upstream_jit(model.state_dict(), model)
+    ema = {k: v + 1.0 for k, v in upstream.items() if "rope" not in k and not k.endswith("pos_embed")}
+    path = tmp_path / "checkpoint-last.pth"
+    args = argparse.Namespace(model="not-a-preset", img_size=16)
+    torch.save({"model": upstream, "model_ema1": ema, "model_ema2": ema, "args": args, "epoch": 1}, path)
+    converted, report = convert_jit_checkpoint(path, weights="model", in_context_start=1)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(converted(x, 400.0, class_labels=[1, 4]).sample, model(x, 400.0, class_labels=[1, 4]).sample)
+    assert "pos_embed" in str(report) and "net." in str(report)
+    from_ema, _ = convert_jit_checkpoint(path, in_context_start=1)
+    torch.testing.assert_close(from_ema.proj_out.bias, model.proj_out.bias + 1.0)
+
+    torch.save({**upstream, "net.extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match="Unexpected upstream keys: \\['extra.weight'\\]"):
+        convert_jit_checkpoint(tmp_path / "extra.pth", in_context_start=1)
+    missing = {k: v for k, v in upstream.items() if k != "net.final_layer.linear.bias"}
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="Missing keys \\(ours\\): \\['proj_out.bias'\\]"):
+        convert_jit_checkpoint(tmp_path / "missing.pth", in_context_start=1)
+    wrong_table = dict(upstream, **{"net.pos_embed": upstream["net.pos_embed"] + 1})
+    torch.save(wrong_table, tmp_path / "table.pth")
+    with pytest.raises(ValueError, match="pos_embed"):
+        convert_jit_checkpoint(tmp_path / "table.pth", in_context_start=1)
+    with pytest.raises(ValueError, match="in_context_start"):
+        convert_jit_checkpoint(tmp_path / "missing.pth")
+
+
+def _to_upstream_pixeldlm(state):
+    upstream = {}
+    for key, value in state.items():
+        key = re.sub(r"^pos_embed_(row|col)$", lambda m: "pos_embed_" + {"row": "h", "col": "w"}[m.group(1)], key)
+        key = re.sub(r"^condition_pos_embed_(row|col)$", lambda m: "cond_pos_embed_" + {"row": "h", "col": "w"}[m.group(1)], key)
+        key = key.replace("proj_out.", "output_proj.").replace(".mlp.w12.", ".mlp.0.").replace(".mlp.w3.", ".mlp.3.")
+        key = key.replace(".adaln.norm_weight", ".adaLN.norm.weight").replace(".adaln.scale.", ".adaLN.scale_mlp.1.")
+        key = key.replace(".adaln.shift.", ".adaLN.shift_mlp.1.")
+        key = key.replace("pixel_decoder.out.", "pixel_decoder.unet.decoder.1.").replace("pixel_decoder.up.", "pixel_decoder.unet.decoder_up.")
+        key = re.sub(r"^pixel_decoder\.(encoder|decoder)\.", r"pixel_decoder.unet.\1.", key)
+        key = key.replace("pixel_decoder.cond_proj.", "pixel_decoder.unet.cond_proj.0.")
+        upstream["module." + key] = value
+    half = 16
+    upstream["module.time_embed.emb"] = torch.exp(torch.arange(half).float() * -(np.log(10000) / (half - 1)))
+    return upstream
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_pixeldlm_converter_round_trip(tmp_path, decoder):
+    model = randomized(JiTTransformer2DModel(**TINY_DLM, use_pixel_decoder=decoder, pixel_decoder_depth=2))
+    path = tmp_path / "best_model.pth"
+    torch.save({"epoch": 3, "model_state_dict": _to_upstream_pixeldlm(model.state_dict()), "loss": 0.1}, path)
+    converted, report = convert_pixeldlm_checkpoint(path, num_attention_heads=2)
+    assert converted.config.use_pixel_decoder == decoder and converted.config.mlp_ratio == 4.0
+    x, cond = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(converted(x, 123.0, condition=cond).sample, model(x, 123.0, condition=cond).sample)
+    with pytest.raises(ValueError, match="head count"):
+        convert_pixeldlm_checkpoint(path)
+
+
+def test_cli_hook(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_subparser(parser.add_subparsers(dest="system", required=True))
+    model = randomized(JiTTransformer2DModel(**TINY_DLM))
+    torch.save(_to_upstream_pixeldlm(model.state_dict()), tmp_path / "ckpt.pth")
+    args = parser.parse_args(["pixeldlm", str(tmp_path / "ckpt.pth"), str(tmp_path / "out"), "--num-attention-heads", "2"])
+    args.func(args)
+    loaded = JiTTransformer2DModel.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(loaded.proj_out.weight, model.proj_out.weight)

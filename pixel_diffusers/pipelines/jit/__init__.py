@@ -1,0 +1,3 @@
+from .pipeline_jit import JiTPipeline
+
+__all__ = ["JiTPipeline"]

@@ -1,0 +1,264 @@
+"""Class-conditional image generation with JiT, directly in pixel space (no VAE)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...hub import PixelDiffusersHubMixin
+from ...models.transformers.transformer_jit import JiTTransformer2DModel
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from pixel_diffusers import JiTPipeline
+
+        >>> pipe = JiTPipeline.from_pretrained("org/jit-b-16")
+        >>> image = pipe(class_labels=[207], guidance_scale=3.0).images[0]  # or a name from transformer.config.id2label
+        ```
+"""
+
+
+class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
+    r"""
+    JiT class-conditional image pipeline.
+
+    Components:
+        transformer ([`JiTTransformer2DModel`], `architecture="jit"`): predicts the clean image x0.
+        scheduler: a flow-matching scheduler: [`PixelFlowMatchScheduler`] (`solver="heun"` for JiT's default sampler)
+            or diffusers' `FlowMatchEulerDiscreteScheduler` (the same images as our `solver="euler"`).
+
+    Sampling follows official JiT: noise of std `transformer.noise_scale` (JiT's `sample_size / 256` unless the
+    config sets it) at sigma = 1, the uniform grid
+    `sigmas = 1, 1 - 1/N, ..., 1/N` (JiT's `t = linspace(0, 1, N + 1)`), Heun with the last step a plain step to the
+    clean image, classifier-free guidance `v_u + w (v_c - v_u)` with the null class `num_classes`, applied only inside
+    the guidance interval of JiT's time `t = 1 - sigma` (`lo < t < hi`, or `t < hi` when `lo = 0`).
+
+    The transformer's x0 is converted to what the scheduler expects in [`~JiTPipeline.x0_to_prediction`], the one
+    place that knows both conventions. Deliberate difference from upstream: upstream divides by `max(1 - t, 0.05)`
+    when turning x0 into a velocity, also while sampling, so its last steps (t > 0.95) move only part of the way; here
+    the velocity is exact, `(x - x0) / sigma`, and the step into sigma 0 lands on x0.
+    """
+
+    model_cpu_offload_seq = "transformer"
+    _callback_tensor_inputs = ["latents"]
+    _model_card_template = "jit.md"
+    _pipeline_tag = "unconditional-image-generation"
+
+    def __init__(self, transformer: JiTTransformer2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+        self.default_sample_size = transformer.config.sample_size if transformer is not None else 256
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> id from `transformer.config.id2label` (comma-separated synonyms each map to the id)."""
+        id2label = self.transformer.config.id2label or {}
+        names = {}
+        for key, value in id2label.items():
+            for name in str(value).split(","):
+                names[name.strip()] = int(key)
+        return names
+
+    def get_label_ids(self, label: int | str | list[int | str]) -> list[int]:
+        """Class ids of labels given as ids or names (names need `id2label` in the transformer config)."""
+        labels = label if isinstance(label, (list, tuple)) else [label]
+        num_classes = self.transformer.config.num_classes
+        ids = []
+        for item in labels:
+            if isinstance(item, str):
+                names = self.labels
+                if item not in names:
+                    shown = sorted(names)[:10]
+                    raise ValueError(
+                        f"`class_labels` name {item!r} is not a class of this model; known names include {shown} "
+                        f"({len(names)} in all, from transformer.config.id2label)."
+                    )
+                ids.append(names[item])
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < num_classes:
+                ids.append(int(item))
+            else:
+                raise ValueError(f"`class_labels` must be ids in [0, {num_classes}) or class names; got {item!r}.")
+        return ids
+
+    def check_inputs(self, class_labels, height, width, num_inference_steps, sigmas, guidance_scale,
+                     guidance_interval, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs):
+        if class_labels is None or (isinstance(class_labels, (list, tuple)) and len(class_labels) == 0):
+            raise ValueError("`class_labels` must be a class id or name, or a non-empty list of them.")
+        size = self.transformer.config.sample_size
+        if height != size or width != size:
+            raise ValueError(f"`height` and `width` must equal the transformer's sample_size {size}; got {height}x{width}.")
+        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.")
+        if guidance_interval is not None and (
+            len(guidance_interval) != 2 or not 0.0 <= guidance_interval[0] < guidance_interval[1] <= 1.0
+        ):
+            raise ValueError(f"`guidance_interval` must be (t_low, t_high) with 0 <= t_low < t_high <= 1, got {guidance_interval}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}.")
+
+    def x0_to_prediction(self, x0: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Converts the transformer's x0 into the scheduler's prediction type (diffusers' flow schedulers without a
+        `prediction_type` expect `flow_prediction`, `noise - x0 = (sample - x0) / sigma`)."""
+        prediction_type = getattr(self.scheduler.config, "prediction_type", "flow_prediction")
+        if prediction_type == "sample":
+            return x0
+        flow = (sample - x0) / sigma
+        if prediction_type == "flow_prediction":
+            return flow
+        if prediction_type == "velocity":
+            return -flow
+        if prediction_type == "epsilon":
+            return x0 + flow
+        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; use 'flow_prediction', "
+                         "'velocity', 'sample' or 'epsilon'.")
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 3.0,
+        guidance_interval: tuple[float, float] | None = (0.1, 1.0),
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""
+        Generates images of the given classes.
+
+        Args:
+            class_labels (`int`, `str` or a list of them): class ids, or names from `transformer.config.id2label`.
+            height, width (`int`, default: the transformer's `sample_size`): must equal it.
+            num_inference_steps (`int`, defaults to 50): steps N of the grid `1, 1 - 1/N, ..., 1/N` (Heun evaluates the
+                transformer 2N - 1 times).
+            sigmas (`list[float]`, *optional*): custom decreasing noise levels in (0, 1] instead of that grid.
+            guidance_scale (`float`, defaults to 3.0): classifier-free guidance scale w (official evaluation: B 3.0,
+                L 2.4, H 2.2 at 256x256); 1 disables guidance.
+            guidance_interval (`(t_low, t_high)`, defaults to (0.1, 1.0)): apply guidance only where
+                `t_low < t < t_high` in JiT's time t = 1 - sigma (`t_low = 0` includes t = 0); None: everywhere.
+            num_images_per_prompt (`int`, defaults to 1): images per class label.
+            generator, latents: randomness, or the initial noise (batch, 3, S, S) at sigma = 1 (std `transformer.noise_scale`).
+            output_type (`str`, defaults to "pil"): "pil", "np", "pt" (in [0, 1]) or "latent" (the raw [-1, 1]
+                tensor).
+            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] instead of a tuple.
+            attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. `{"scale": lora_scale}`).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: called after each scheduler step.
+
+        Examples:
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height = height or self.default_sample_size
+        width = width or self.default_sample_size
+        self.check_inputs(class_labels, height, width, num_inference_steps, sigmas, guidance_scale, guidance_interval,
+                          num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        device = self._execution_device
+        config = self.transformer.config
+
+        labels = torch.tensor(self.get_label_ids(class_labels), device=device).repeat_interleave(num_images_per_prompt)
+        batch_size = labels.shape[0]
+        shape = (batch_size, config.in_channels, height, width)
+        if latents is None:
+            if isinstance(generator, list) and len(generator) != batch_size:
+                raise ValueError(f"`generator` is a list of {len(generator)} generators but {batch_size} images are generated.")
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * self.transformer.noise_scale
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, None, device, sigmas=sigmas)
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        null = torch.full_like(labels, config.num_classes)
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                sigma = t.float() / self.scheduler.config.num_train_timesteps
+                jit_t = 1.0 - sigma.item()
+                guided = self.do_classifier_free_guidance and (
+                    guidance_interval is None
+                    or (jit_t < guidance_interval[1] and (guidance_interval[0] == 0 or jit_t > guidance_interval[0]))
+                )
+                model_input = latents.to(self.transformer.dtype)
+                model_labels = labels
+                if guided:
+                    model_input, model_labels = torch.cat([model_input, model_input]), torch.cat([labels, null])
+                x0 = self.transformer(
+                    model_input, t.float().expand(model_input.shape[0]), class_labels=model_labels,
+                    attention_kwargs=attention_kwargs, return_dict=False,
+                )[0].float()
+                if guided:
+                    x0_cond, x0_uncond = x0.chunk(2)
+                    # Guidance on x0 equals JiT's guidance on the velocity: both are affine in x0 at a fixed sample.
+                    x0 = x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+                prediction = self.x0_to_prediction(x0, latents, sigma)
+                latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        image = latents if output_type == "latent" else self.image_processor.postprocess(latents, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

@@ -1,0 +1,4 @@
+from .codec import TextPixelCodec
+from .pipeline_pixeldlm import PixelDLMPipeline, PixelDLMPipelineOutput
+
+__all__ = ["PixelDLMPipeline", "PixelDLMPipelineOutput", "TextPixelCodec"]
