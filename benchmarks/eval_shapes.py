@@ -5,8 +5,8 @@
 
 Text-to-image pipelines get prompts "a <colour> <shape> on a <background> background" cycling over every
 combination, the held-out ones included; class-conditional pipelines (a `class_labels` argument) get the class of
-each (shape, colour). Prints JSON: color_accuracy, shape_accuracy, class_accuracy (both right), background_accuracy
-(text only) and the same on held-out combinations.
+each trained (shape, colour) pair (a held-out pair's label was never trained). Prints JSON: color_accuracy,
+shape_accuracy, class_accuracy (both right), background_accuracy (text only) and the same on held-out combinations.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     class_conditional = "class_labels" in inspect.signature(pipe.__call__).parameters
-    combos = shapes.evaluation_prompts(args.num_images, seed=args.seed)
+    combos = shapes.evaluation_prompts(args.num_images, seed=args.seed, include_held_out=not class_conditional)
     images = generate(pipe, combos, args)
     result = {"pipeline": type(pipe).__name__, **score(images, combos, not class_conditional)}
     if args.grid:

@@ -180,14 +180,19 @@ def classify_shape(image) -> str | None:
     return "circle" if fill < _CIRCLE_SQUARE_SPLIT else "square"
 
 
-def evaluation_prompts(num_images: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """`num_images` (shape, colour, background) triples cycling over every combination, held-out pairs included."""
+def evaluation_prompts(num_images: int, seed: int = 0, include_held_out: bool = True) -> list[tuple[str, str, str]]:
+    """`num_images` (shape, colour, background) triples cycling over every combination in a seeded order.
+
+    Held-out (shape, colour) pairs are included unless `include_held_out=False` (a class-conditional model never saw
+    their class label, so it cannot be asked for them).
+    """
+    held_out = set(HELD_OUT)
     combos = [
         (shape, color, background)
         for shape in SHAPES
         for color in COLORS
         for background in BACKGROUNDS
-        if color != background
+        if color != background and (include_held_out or (shape, color) not in held_out)
     ]
     order = np.random.default_rng(seed).permutation(len(combos))
     return [combos[order[i % len(combos)]] for i in range(num_images)]
