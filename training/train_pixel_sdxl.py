@@ -52,16 +52,17 @@ from pixel_diffusers.training_utils import (
     TrainingRun,
     TrainingState,
     add_common_training_args,
+    add_lora_adapter,
     add_image_data_args,
     build_image_batches,
     build_lr_scheduler,
     build_optimizer,
-    log_sample_grid,
     make_accelerator,
     parse_args,
     sample_flow_sigmas,
+    sample_validation_grid,
     save_final_outputs,
-    shapes,
+    validation_prompts,
 )
 
 logger = logging.getLogger("train_pixel_sdxl")
@@ -353,49 +354,6 @@ def build_lpips(weights_path: str | None, device):
     return model.requires_grad_(False).eval().to(device)
 
 
-def add_lora(unet, args) -> None:
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_alpha or args.lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-        )
-    )
-
-
-def validation_prompts(args) -> list[str]:
-    if args.validation_prompts:
-        return args.validation_prompts
-    if args.shapes_dataset_size:
-        return [shapes.caption(*combo) for combo in shapes.evaluation_prompts(16, seed=1)]
-    return []
-
-
-@torch.no_grad()
-def sample_grid(pipe, unet, ema, args, accelerator, step: int, name: str):
-    prompts = validation_prompts(args)
-    if not prompts:
-        return None
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    if ema is not None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    unet.eval()
-    resolution = args.validation_resolution or args.min_resolution
-    images = pipe(
-        prompts, height=resolution, width=resolution, num_inference_steps=args.validation_num_inference_steps,
-        guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(args.seed),
-    ).images
-    unet.train()
-    if ema is not None:
-        ema.restore(trainable)
-    return log_sample_grid(accelerator, images, args.output_dir, step, name)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,7 +375,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
     lpips_model = build_lpips(args.lpips_vgg_weights, device) if args.lpips_weight > 0 else None
 
     if args.lora_rank:
-        add_lora(unet, args)
+        add_lora_adapter(unet, args.lora_rank, args.lora_alpha)
         rates = None
     elif args.stage == "train":
         body_rate = args.learning_rate if args.body_learning_rate is None else args.body_learning_rate
@@ -492,7 +450,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
     logger.info("Stage %s: %d trainable parameters.", args.stage, sum(p.numel() for p in trainable))
     run.train(
         accelerator, args, batches, micro_step, trainable,
-        validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
+        validate=lambda step: sample_validation_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
     )
     if accelerator.is_main_process:
         save_outputs(pipe, model, ema, args, accelerator, state)
@@ -503,7 +461,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
 
 def save_outputs(pipe, model, ema, args, accelerator, state) -> None:
     """Writes the final pipeline (or LoRA) and a sample grid; pushes them when asked."""
-    grid = sample_grid(pipe, model, ema, args, accelerator, state.step, "final")
+    grid = sample_validation_grid(pipe, model, ema, args, accelerator, state.step, "final")
     card = {}
     if grid is not None:
         resolution = args.validation_resolution or args.min_resolution

@@ -32,16 +32,17 @@ from pixel_diffusers.training_utils import (
     TrainingRun,
     TrainingState,
     add_common_training_args,
+    add_lora_adapter,
     add_image_data_args,
     build_image_batches,
     build_lr_scheduler,
     build_optimizer,
-    log_sample_grid,
     make_accelerator,
     parse_args,
     sample_flow_sigmas,
+    sample_validation_grid,
     save_final_outputs,
-    shapes,
+    validation_prompts,
 )
 
 logger = logging.getLogger("train_pixelhdm")
@@ -108,51 +109,6 @@ def load_pipeline(args) -> PixelHDMPipeline:
     return PixelHDMPipeline(**components)
 
 
-def add_lora(transformer, args) -> None:
-    from peft import LoraConfig
-
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_alpha or args.lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-        )
-    )
-
-
-def validation_prompts(args) -> list[str]:
-    if args.validation_prompts:
-        return args.validation_prompts
-    if args.shapes_dataset_size:
-        return [shapes.caption(*combo) for combo in shapes.evaluation_prompts(16, seed=1)]
-    return []
-
-
-@torch.no_grad()
-def sample_grid(pipe, transformer, ema, args, accelerator, step: int, name: str):
-    """Generates the validation prompts with the current (EMA) weights and logs the grid."""
-    prompts = validation_prompts(args)
-    if not prompts:
-        return None
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
-    if ema is not None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    transformer.eval()
-    resolution = args.validation_resolution or args.min_resolution
-    images = pipe(
-        prompts, height=resolution, width=resolution, num_inference_steps=args.validation_num_inference_steps,
-        guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(args.seed),
-        max_sequence_length=args.max_sequence_length,
-    ).images
-    transformer.train()
-    if ema is not None:
-        ema.restore(trainable)
-    return log_sample_grid(accelerator, images, args.output_dir, step, name)
-
-
 def main(argv: list[str] | None = None) -> TrainingState:
     args = parse_args(build_parser(), argv)
     accelerator = make_accelerator(args, "train_pixelhdm")
@@ -163,7 +119,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
     transformer = pipe.transformer.train()
     pipe.text_encoder.requires_grad_(False).eval().to(device)
     if args.lora_rank:
-        add_lora(transformer, args)
+        add_lora_adapter(transformer, args.lora_rank, args.lora_alpha)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
@@ -233,7 +189,9 @@ def main(argv: list[str] | None = None) -> TrainingState:
         trainable += list(repa_loss.parameters())
     run.train(
         accelerator, args, batches, micro_step, trainable,
-        validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
+        validate=lambda step: sample_validation_grid(
+            pipe, model, ema, args, accelerator, step, f"step-{step}", max_sequence_length=args.max_sequence_length
+        ),
     )
     if accelerator.is_main_process:
         save_outputs(pipe, model, ema, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator, state)
@@ -244,7 +202,9 @@ def main(argv: list[str] | None = None) -> TrainingState:
 
 def save_outputs(pipe, model, ema, repa_loss, args, accelerator, state) -> None:
     """Writes the final pipeline (or LoRA), the REPA projector and a sample grid; pushes them when asked."""
-    grid = sample_grid(pipe, model, ema, args, accelerator, state.step, "final")
+    grid = sample_validation_grid(
+        pipe, model, ema, args, accelerator, state.step, "final", max_sequence_length=args.max_sequence_length
+    )
     card = {}
     if grid is not None:
         resolution = args.validation_resolution or args.min_resolution

@@ -26,7 +26,14 @@ from .data import (
     load_image_caption_dataset,
     preprocess_image,
 )
-from .loop import TrainingRun, save_final_outputs, train_loop
+from .loop import (
+    TrainingRun,
+    add_lora_adapter,
+    sample_validation_grid,
+    save_final_outputs,
+    train_loop,
+    validation_prompts,
+)
 from .losses import DINOv3Features, FrequencyLoss, REPALoss, sample_flow_sigmas
 from .optim import (
     AdaptiveGradClip,
@@ -55,6 +62,7 @@ __all__ = [
     "TrainingRun",
     "TrainingState",
     "add_common_training_args",
+    "add_lora_adapter",
     "add_image_data_args",
     "build_image_batches",
     "build_lr_scheduler",
@@ -70,10 +78,12 @@ __all__ = [
     "push_checkpoint",
     "run_with_oom_retry",
     "sample_flow_sigmas",
+    "sample_validation_grid",
     "save_final_outputs",
     "shapes",
     "step_generator",
     "stepped_cosine_restart_lambda",
     "train_loop",
     "training_config_yaml",
+    "validation_prompts",
 ]

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .checkpointing import CheckpointManager, TrainingState
-from .config import push_checkpoint, step_generator, training_config_yaml
+from . import shapes
+from .config import log_sample_grid, push_checkpoint, step_generator, training_config_yaml
 from .optim import AdaptiveGradClip, LossSpikeGuard, run_with_oom_retry
 
 logger = logging.getLogger(__name__)
@@ -175,3 +176,51 @@ def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None
                 model_card_kwargs=card,
             )
     return folder
+
+
+def add_lora_adapter(model, rank: int, alpha: float | None = None) -> None:
+    """Freezes `model` and adds a peft LoRA of `rank` on its attention projections (diffusers' module names)."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+
+
+def validation_prompts(args) -> list[str]:
+    """`--validation_prompts`, or 16 shapes captions (held-out pairs included) when training on the shapes set."""
+    if args.validation_prompts:
+        return args.validation_prompts
+    if getattr(args, "shapes_dataset_size", None):
+        return [shapes.caption(*combo) for combo in shapes.evaluation_prompts(16, seed=1)]
+    return []
+
+
+@torch.no_grad()
+def sample_validation_grid(pipe, model, ema, args, accelerator, step: int, name: str, **call_kwargs) -> Path | None:
+    """Generates the validation prompts with the EMA weights swapped in (restored afterwards), saves the grid as
+    `output_dir/samples/<name>.png` and logs it; None when there is no prompt to sample."""
+    prompts = validation_prompts(args)
+    if not prompts:
+        return None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    model.eval()
+    resolution = args.validation_resolution or args.min_resolution
+    try:
+        images = pipe(
+            prompts, height=resolution, width=resolution, num_inference_steps=args.validation_num_inference_steps,
+            guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(args.seed),
+            **call_kwargs,
+        ).images
+    finally:
+        model.train()
+        if ema is not None:
+            ema.restore(trainable)
+    return log_sample_grid(accelerator, images, args.output_dir, step, name)
