@@ -61,6 +61,23 @@ class PixelFlowMatchSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
+def x0_to_prediction(scheduler, x0: torch.Tensor, sample: torch.Tensor, flow_sigma: torch.Tensor) -> torch.Tensor:
+    """Converts an x0 estimate at `sample` into what `scheduler` expects (its `prediction_type`; diffusers' flow
+    schedulers without one expect `flow_prediction`). The flow `noise - x0` is `(sample - x0) / flow_sigma`: pass the
+    sample's sigma, or a floored sigma where a model's sampler floors it."""
+    prediction_type = getattr(scheduler.config, "prediction_type", "flow_prediction")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
+    if prediction_type == "sample":
+        return x0
+    flow = (sample - x0) / flow_sigma
+    if prediction_type == "flow_prediction":
+        return flow
+    if prediction_type == "velocity":
+        return -flow
+    return x0 + flow  # epsilon
+
+
 def _is_positive_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 

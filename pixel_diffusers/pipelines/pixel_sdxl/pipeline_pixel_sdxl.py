@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ...hub import PixelDiffusersHubMixin
 from ...models.unets.unet_pixel_sdxl import PixelSDXLUNet2DConditionModel
+from ...schedulers.scheduling_pixel_flow import x0_to_prediction
 
 logger = logging.get_logger(__name__)
 
@@ -261,20 +262,7 @@ class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusi
         above it they are exact, so an Euler step on the flow equals upstream's re-noising step. diffusers' flow
         schedulers without a `prediction_type` (FlowMatchEulerDiscreteScheduler) expect `flow_prediction`.
         """
-        prediction_type = getattr(self.scheduler.config, "prediction_type", "flow_prediction")
-        if prediction_type == "sample":
-            return x0
-        flow = (sample - x0) / sigma.clamp(min=SIGMA_FLOOR)  # noise - x0
-        if prediction_type == "flow_prediction":
-            return flow
-        if prediction_type == "velocity":
-            return -flow
-        if prediction_type == "epsilon":
-            return x0 + flow
-        raise ValueError(
-            f"scheduler prediction_type {prediction_type!r} is not supported; use one of "
-            "'sample', 'flow_prediction', 'velocity', 'epsilon'."
-        )
+        return x0_to_prediction(self.scheduler, x0, sample, sigma.clamp(min=SIGMA_FLOOR))
 
     @property
     def guidance_scale(self):

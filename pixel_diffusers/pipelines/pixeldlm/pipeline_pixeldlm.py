@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
+from ...schedulers.scheduling_pixel_flow import x0_to_prediction
 from .codec import TextPixelCodec
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -116,18 +117,7 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
     def x0_to_prediction(self, x0: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Converts the transformer's x0 into the scheduler's prediction type (flow schedulers without a
         `prediction_type` expect `flow_prediction`, `(sample - x0) / sigma`)."""
-        prediction_type = getattr(self.scheduler.config, "prediction_type", "flow_prediction")
-        if prediction_type == "sample":
-            return x0
-        flow = (sample - x0) / sigma
-        if prediction_type == "flow_prediction":
-            return flow
-        if prediction_type == "velocity":
-            return -flow
-        if prediction_type == "epsilon":
-            return x0 + flow
-        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; use 'flow_prediction', "
-                         "'velocity', 'sample' or 'epsilon'.")
+        return x0_to_prediction(self.scheduler, x0, sample, sigma)
 
     @property
     def guidance_scale(self):
