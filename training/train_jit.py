@@ -32,7 +32,7 @@ from pixel_diffusers.training_utils import (
     add_common_training_args,
     add_image_data_args,
     build_image_batches,
-    build_lr_scheduler,
+    lr_scheduler_from_args,
     build_optimizer,
     log_sample_grid,
     make_accelerator,
@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None):
     optimizer = build_optimizer(list(transformer.named_parameters()), args.optimizer, args.learning_rate,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay)
     processes = accelerator.num_processes
-    lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps * processes,
-                                      args.max_train_steps * processes,
-                                      steps_per_cycle=(args.lr_cycle_steps or args.max_train_steps) * processes)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
     batches, dataset = build_image_batches(args, processes, accelerator.process_index)
     run = TrainingRun.prepare(accelerator, args, transformer, optimizer, lr_scheduler, batches, dataset)
     transformer, model, ema = run.model, run.unwrapped, run.ema

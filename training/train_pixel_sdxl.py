@@ -55,7 +55,7 @@ from pixel_diffusers.training_utils import (
     add_lora_adapter,
     add_image_data_args,
     build_image_batches,
-    build_lr_scheduler,
+    lr_scheduler_from_args,
     build_optimizer,
     make_accelerator,
     parse_args,
@@ -392,10 +392,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
         args.adam_epsilon, args.adam_weight_decay, learning_rate_by_prefix=rates,
     )
     processes = accelerator.num_processes
-    lr_scheduler = build_lr_scheduler(
-        args.lr_scheduler, optimizer, args.lr_warmup_steps * processes, args.max_train_steps * processes,
-        steps_per_cycle=(args.lr_cycle_steps or args.max_train_steps) * processes,
-    )
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
     if args.metadata_json:
         batches = MetadataBatches(
             args.metadata_json, args.train_batch_size, args.seed, args.caption_dropout, args.random_flip,

@@ -37,7 +37,7 @@ from pixel_diffusers.training_utils import (
     CheckpointManager,
     TrainingState,
     add_common_training_args,
-    build_lr_scheduler,
+    lr_scheduler_from_args,
     build_optimizer,
     make_accelerator,
     parse_args,
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(list(transformer.named_parameters()), args.optimizer, args.learning_rate,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay)
     processes = accelerator.num_processes
-    lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps * processes,
-                                      args.max_train_steps * processes,
-                                      steps_per_cycle=(args.lr_cycle_steps or args.max_train_steps) * processes)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
     ema = None
     if args.use_ema:
         from diffusers.training_utils import EMAModel

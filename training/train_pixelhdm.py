@@ -35,7 +35,7 @@ from pixel_diffusers.training_utils import (
     add_lora_adapter,
     add_image_data_args,
     build_image_batches,
-    build_lr_scheduler,
+    lr_scheduler_from_args,
     build_optimizer,
     make_accelerator,
     parse_args,
@@ -136,11 +136,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
         named, args.optimizer, args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
         args.adam_weight_decay,
     )
-    processes = accelerator.num_processes  # accelerate steps a prepared scheduler once per process
-    lr_scheduler = build_lr_scheduler(
-        args.lr_scheduler, optimizer, args.lr_warmup_steps * processes, args.max_train_steps * processes,
-        steps_per_cycle=(args.lr_cycle_steps or args.max_train_steps) * processes,
-    )
+    processes = accelerator.num_processes
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
     batches, dataset = build_image_batches(args, accelerator.num_processes, accelerator.process_index)
 
     run = TrainingRun.prepare(

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from .optim import LR_SCHEDULERS, OPTIMIZERS
+from .optim import LR_SCHEDULERS, OPTIMIZERS, build_lr_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id.")
     return args
+
+
+def lr_scheduler_from_args(args: argparse.Namespace, optimizer, num_processes: int):
+    """The run's learning-rate schedule (`--lr_scheduler`, `--lr_warmup_steps`, `--lr_cycle_steps`).
+
+    Step counts are multiplied by `num_processes`: accelerate steps a prepared scheduler once per process.
+    """
+    return build_lr_scheduler(
+        args.lr_scheduler, optimizer, args.lr_warmup_steps * num_processes, args.max_train_steps * num_processes,
+        steps_per_cycle=(args.lr_cycle_steps or args.max_train_steps) * num_processes,
+    )
 
 
 def training_config_yaml(args: argparse.Namespace) -> str:
