@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from pixel_diffusers.pipelines.pixeldlm.codec import TextPixelCodec
+from pixel_diffusers.pipelines.pixeldlm.codec import TextPixelCodec, levels_for_vocabulary
 from pixel_diffusers.testing import make_tiny_tokenizer
 
 # Qwen2.5's numbers (spec B.4): base vocabulary 151,643 ids, pad <|endoftext|> 151643, eos <|im_end|> 151645.
@@ -105,3 +105,42 @@ def test_text_round_trip_with_a_tokenizer():
     texts = ["hello world", "pixels ✓", ""]
     images, _ = codec.encode_text(tokenizer, texts)
     assert codec.decode_text(tokenizer, images) == texts
+
+
+def test_fewer_levels_spread_a_small_vocabulary_and_tolerate_large_errors():
+    tokenizer = make_tiny_tokenizer()  # 257 ids, EOS = pad = 256
+    levels = levels_for_vocabulary(tokenizer.vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert levels == 7  # 6**3 = 216 < 257 <= 343 = 7**3
+    codec = TextPixelCodec.from_tokenizer(tokenizer, image_size=8, levels=levels)
+    images, _ = codec.encode_text(tokenizer, ["12+30=", "42"])
+    # id 50 in base 7 is (1, 0, 1): every channel value is a multiple of 1/6.
+    assert torch.allclose(codec.ids_to_colors(torch.tensor(50)), torch.tensor([1.0, 0.0, 1.0]) / 6)
+    assert torch.allclose(images * 6, torch.round(images * 6), atol=1e-6)
+    noise = (torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) - 0.5) * (0.98 / 6)
+    assert codec.decode_text(tokenizer, images + noise) == ["12+30=", "42"]
+    ids = list(range(tokenizer.vocab_size))[:64]
+    assert codec.decode(codec.encode(ids)[0]) == [ids]
+
+
+def test_levels_256_is_upstreams_layout_and_levels_are_validated():
+    upstream, explicit = TextPixelCodec(image_size=4, **QWEN), TextPixelCodec(image_size=4, levels=256, **QWEN)
+    ids = torch.tensor([0, 255, 256, 65536, 151642])
+    assert torch.equal(upstream.ids_to_colors(ids), explicit.ids_to_colors(ids))
+    assert levels_for_vocabulary(**QWEN) == 54  # 53**3 = 148,877 < 151,646 <= 54**3
+    with pytest.raises(ValueError, match="levels"):
+        TextPixelCodec(vocab_size=10, levels=1)
+    with pytest.raises(ValueError, match="vocab_size must be at most 7"):
+        TextPixelCodec(vocab_size=8, levels=2)  # 2**3 colours: 7 ids and white padding at most
+    with pytest.raises(ValueError, match="eos_token_id"):
+        TextPixelCodec(vocab_size=5, eos_token_id=8, levels=2)
+
+
+def test_snap_with_few_levels_finds_the_nearest_valid_colour_by_brute_force():
+    codec = TextPixelCodec(vocab_size=200, eos_token_id=250, pad_token_id=None, image_size=4, levels=7)
+    valid = torch.tensor(list(range(200)) + [250, 342])
+    palette = codec.ids_to_colors(valid) * 6
+    digits = torch.randint(0, 7, (256, 3), generator=torch.Generator().manual_seed(0)).float()
+    snapped = codec.snap(digits / 6)
+    distance = ((codec.ids_to_colors(snapped) * 6 - digits) ** 2).sum(-1)
+    assert torch.allclose(distance, torch.cdist(digits, palette).pow(2).min(dim=1).values, atol=1e-4)
+    assert set(snapped.tolist()) <= set(valid.tolist())

@@ -89,3 +89,14 @@ def test_save_and_load(pipe, tmp_path):
     b = pipe("hi", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
     torch.testing.assert_close(a.images, b.images)
     assert a.texts == b.texts
+
+
+def test_color_levels_are_saved_with_the_pipeline(pipe, tmp_path):
+    spread = PixelDLMPipeline(pipe.transformer, pipe.scheduler, pipe.tokenizer, color_levels=7)
+    assert spread.codec.levels == 7 and pipe.codec.levels == 256
+    spread.save_pretrained(tmp_path)
+    loaded = PixelDLMPipeline.from_pretrained(tmp_path)
+    assert loaded.config.color_levels == 7 and loaded.codec.levels == 7
+    condition = loaded.encode_prompt("12+30=", device="cpu")
+    assert loaded.codec.decode_text(loaded.tokenizer, condition) == ["12+30="]
+    assert torch.allclose(condition * 6, torch.round(condition * 6), atol=1e-6)

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--transformer_config", type=json.loads, default=None, help="JSON overrides of the preset.")
     group.add_argument("--tokenizer_name_or_path", type=str, default=None)
     group.add_argument("--tiny_tokenizer", action="store_true", help="The offline byte-level test tokenizer.")
+    group.add_argument(
+        "--color_levels", type=int, default=None,
+        help="Colour levels per channel of a fresh model's token images (TextPixelCodec); default 256, upstream's. "
+        "A small vocabulary trains far faster with fewer, e.g. 7 for the byte-level tokenizer.",
+    )
     group.add_argument("--condition_dropout", type=float, default=0.1, help="Probability of training unconditionally.")
     group.add_argument("--pad_loss_weight", type=float, default=0.0, help="Loss weight of padding pixels.")
     group.add_argument("--validation_num_inference_steps", type=int, default=20)
@@ -99,7 +104,13 @@ def read_items(path: str | Path) -> tuple[list[dict], int]:
 
 def load_pipeline(args) -> PixelDLMPipeline:
     if args.pretrained_model:
-        return PixelDLMPipeline.from_pretrained(args.pretrained_model)
+        pipe = PixelDLMPipeline.from_pretrained(args.pretrained_model)
+        if args.color_levels not in (None, pipe.config.color_levels):
+            raise ValueError(
+                f"--color_levels={args.color_levels} differs from the pretrained model's {pipe.config.color_levels}; "
+                "a trained model keeps the layout it learned."
+            )
+        return pipe
     if args.tiny_tokenizer:
         from pixel_diffusers.testing import make_tiny_tokenizer
 
@@ -112,7 +123,7 @@ def load_pipeline(args) -> PixelDLMPipeline:
         raise ValueError("A fresh model needs --tokenizer_name_or_path or --tiny_tokenizer (or --pretrained_model).")
     transformer = JiTTransformer2DModel.from_preset(args.preset, **(args.transformer_config or {}))
     scheduler = PixelFlowMatchScheduler(solver="euler", prediction_type="flow_prediction")
-    return PixelDLMPipeline(transformer, scheduler, tokenizer)
+    return PixelDLMPipeline(transformer, scheduler, tokenizer, color_levels=args.color_levels or 256)
 
 
 class ItemBatches:

@@ -60,6 +60,11 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
             `FlowMatchEulerDiscreteScheduler` gives the same answers.
         tokenizer: the tokenizer whose ids the images hold (Qwen2.5's for upstream checkpoints).
 
+    Config:
+        color_levels (`int`, defaults to 256): values per colour channel of the [`TextPixelCodec`] layout; 256 is
+            upstream's (and its checkpoints'); a small-vocabulary model trained with fewer levels keeps them here
+            (saved in `model_index.json`).
+
     The prompt is written as a condition image with [`TextPixelCodec`] exactly as in training (ids, EOS, pad
     colour); the answer image is sampled and decoded (rounding, clamping, stop at EOS; `snap=True` moves off-vocabulary
     colours to the nearest valid id first).
@@ -82,12 +87,21 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
     _model_card_template = "pixeldlm.md"
     _pipeline_tag = "text-generation"
 
-    def __init__(self, transformer: JiTTransformer2DModel, scheduler: SchedulerMixin, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self,
+        transformer: JiTTransformer2DModel,
+        scheduler: SchedulerMixin,
+        tokenizer: PreTrainedTokenizerBase,
+        color_levels: int = 256,
+    ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer)
+        self.register_to_config(color_levels=color_levels)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=False)
         size = transformer.config.sample_size if transformer is not None else 64
-        self.codec = TextPixelCodec.from_tokenizer(tokenizer, image_size=size) if tokenizer is not None else None
+        self.codec = None
+        if tokenizer is not None:
+            self.codec = TextPixelCodec.from_tokenizer(tokenizer, image_size=size, levels=color_levels)
 
     def encode_prompt(self, prompt: str | list[str], num_images_per_prompt: int = 1, device=None) -> torch.Tensor:
         """Prompts -> condition images (B * num_images_per_prompt, 3, S, S) in [0, 1], as in training."""
