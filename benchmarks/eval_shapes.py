@@ -95,7 +95,12 @@ def main(argv=None) -> dict:
     class_conditional = "class_labels" in inspect.signature(pipe.__call__).parameters
     combos = shapes.evaluation_prompts(args.num_images, seed=args.seed, include_held_out=not class_conditional)
     images = generate(pipe, combos, args)
-    result = {"pipeline": type(pipe).__name__, **score(images, combos, not class_conditional)}
+    result = {
+        "pipeline": type(pipe).__name__,
+        "guidance_scale": args.guidance_scale,
+        "num_inference_steps": args.num_inference_steps,
+        **score(images, combos, not class_conditional),
+    }
     if args.grid:
         image_grid(images, columns=8).save(args.grid)
     text = json.dumps(result, indent=2)

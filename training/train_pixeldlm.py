@@ -8,7 +8,8 @@
 
 Data (upstream's formats): a JSON list (or JSONL) of `{"text"}` (unconditional, pre-training) or
 `{"prompt", "answer"}` items (the prompt becomes the condition image), a `.txt` file with one text per line, or a
-folder of such files. Unreadable files and items are skipped and counted.
+folder of such files. Unreadable files and items are skipped and counted. `--synthetic_addition` trains on the 64
+built-in pairs "13+27=" -> "40"; `training/configs/pixeldlm_addition.yaml` is the tiny recipe that answers them.
 
 The objective is upstream's: `x_t = (1 - sigma) x0 + sigma noise` with `sigma = t / 1000`, t uniform in 0..999, an x0
 prediction and the mean squared error over the text pixels (text + EOS; `--pad_loss_weight` adds the padding).
@@ -33,7 +34,10 @@ from pixel_diffusers.models.transformers.transformer_jit import JIT_PRESETS, JiT
 from pixel_diffusers.pipelines.pixeldlm.pipeline_pixeldlm import PixelDLMPipeline
 from pixel_diffusers.schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
 from pixel_diffusers.training_utils import (
+    SAVE_DTYPES,
     AdaptiveGradClip,
+    addition_pairs,
+    exact_match,
     CheckpointManager,
     TrainingState,
     add_common_training_args,
@@ -53,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_training_args(parser)
     group = parser.add_argument_group("PixelDLM")
-    group.add_argument("--data", type=str, required=True, help="JSON/JSONL/TXT file or a folder of them.")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=str, help="JSON/JSONL/TXT file or a folder of them.")
+    source.add_argument("--synthetic_addition", action="store_true",
+                        help='The 64 built-in pairs "13+27=" -> "40" (training_utils.addition_pairs).')
     group.add_argument("--pretrained_model", type=str, default=None, help="A PixelDLMPipeline folder or Hub id.")
     group.add_argument("--preset", choices=[k for k in JIT_PRESETS if k.startswith("PixelDLM")], default="PixelDLM-B/4")
     group.add_argument("--transformer_config", type=json.loads, default=None, help="JSON overrides of the preset.")
@@ -150,26 +157,10 @@ class ItemBatches:
         self.position = state["position"]
 
 
-@torch.no_grad()
-def exact_match(pipe, model, items, args) -> float:
-    """Fraction of items whose answer the model writes exactly (decoded token ids equal the answer's ids)."""
-    model.eval()
-    hits = 0
-    for start in range(0, len(items), 16):
-        chunk = items[start : start + 16]
-        prompts = [item["prompt"] for item in chunk]
-        if any(p is None for p in prompts):
-            return float("nan")
-        out = pipe(prompts, num_inference_steps=args.validation_num_inference_steps,
-                   generator=torch.Generator().manual_seed(args.seed), output_type="pt")
-        for item, ids in zip(chunk, out.token_ids):
-            hits += ids == pipe.tokenizer(item["answer"], add_special_tokens=False).input_ids
-    model.train()
-    return hits / len(items)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(build_parser(), argv)
+    if args.data and args.synthetic_addition:
+        raise ValueError("Pass either --data or --synthetic_addition (a config file may set one of them), not both.")
     if not 0.0 <= args.condition_dropout <= 1.0:
         raise ValueError(f"--condition_dropout must lie in [0, 1], got {args.condition_dropout}.")
     accelerator = make_accelerator(args, "train_pixeldlm")
@@ -183,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("The transformer must have architecture='pixeldlm'.")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    items, skipped = read_items(args.data)
+    items, skipped = (addition_pairs(), 0) if args.synthetic_addition else read_items(args.data)
 
     optimizer = build_optimizer(list(transformer.named_parameters()), args.optimizer, args.learning_rate,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay)
@@ -253,11 +244,12 @@ def main(argv: list[str] | None = None) -> None:
             ema.copy_to(model.parameters())
         pipe.transformer = model.eval()
         folder = Path(args.output_dir) / "pipeline"
-        pipe.save_pretrained(folder)
-        accuracy = exact_match(pipe, model, items[: args.num_validation_items], args)
-        result = {"step": state.step, "exact_match": accuracy, "num_items": min(len(items), args.num_validation_items)}
+        pipe.to(dtype=SAVE_DTYPES[args.save_precision]).save_pretrained(folder)
+        pairs = [item for item in items if item["prompt"] is not None][: args.num_validation_items]
+        accuracy = exact_match(pipe, pairs, args.validation_num_inference_steps, seed=args.seed) if pairs else None
+        result = {"step": state.step, "exact_match": accuracy, "num_items": len(pairs)}
         (Path(args.output_dir) / "exact_match.json").write_text(json.dumps(result))
-        logger.info("exact-match accuracy on %d items: %.3f", result["num_items"], accuracy)
+        logger.info("exact-match accuracy on %d prompt/answer items: %s", len(pairs), accuracy)
         if args.push_to_hub:
             card = {"training_config": training_config_yaml(args), "exact_match": accuracy}
             pipe.save_pretrained(folder, push_to_hub=True, repo_id=args.hub_model_id, token=args.hub_token,

@@ -3,6 +3,7 @@
 from . import shapes
 from .checkpointing import CheckpointManager, TrainingState
 from .config import (
+    SAVE_DTYPES,
     add_common_training_args,
     image_grid,
     log_sample_grid,
@@ -45,8 +46,13 @@ from .optim import (
     run_with_oom_retry,
     stepped_cosine_restart_lambda,
 )
+from .text_pairs import addition_pairs, answer_pairs, exact_match
 
 __all__ = [
+    "SAVE_DTYPES",
+    "addition_pairs",
+    "answer_pairs",
+    "exact_match",
     "AdaptiveGradClip",
     "AspectRatioBuckets",
     "BucketBatchSampler",

@@ -18,6 +18,7 @@ from .optim import LR_SCHEDULERS, OPTIMIZERS, build_lr_scheduler
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -58,6 +59,10 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.Argume
     outputs.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
     outputs.add_argument("--validation_steps", type=int, default=0, help="Sample grid interval; 0 = only at the end.")
     outputs.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    outputs.add_argument(
+        "--save_precision", choices=tuple(SAVE_DTYPES), default="fp32",
+        help="Precision of the final pipeline's weights (bf16 / fp16 halve its size); checkpoints stay full precision.",
+    )
     outputs.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     outputs.add_argument("--push_to_hub", action="store_true")
     outputs.add_argument("--hub_model_id", type=str, default=None)
@@ -83,6 +88,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
+        for group in parser._mutually_exclusive_groups:
+            if any(action.dest in values for action in group._group_actions):
+                group.required = False
     args = parser.parse_args(argv)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:

@@ -12,7 +12,7 @@ import torch
 
 from .checkpointing import CheckpointManager, TrainingState
 from . import shapes
-from .config import log_sample_grid, push_checkpoint, step_generator, training_config_yaml
+from .config import SAVE_DTYPES, log_sample_grid, push_checkpoint, step_generator, training_config_yaml
 from .optim import AdaptiveGradClip, LossSpikeGuard, run_with_oom_retry
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,8 @@ def train_loop(
 def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None, save_lora, card_fields=None) -> Path:
     """Writes the run's result (main process only) and pushes it when `args.push_to_hub`.
 
-    With EMA the averaged weights replace the trained ones. A full run saves the pipeline to `output_dir/pipeline`; a
-    LoRA run calls `save_lora(folder, model)` for `output_dir/lora`. The sample grid goes in as `samples.png` and the
+    With EMA the averaged weights replace the trained ones. A full run saves the pipeline to `output_dir/pipeline` (in
+    `args.save_precision`, after which `pipe` keeps that precision); a LoRA run calls `save_lora(folder, model)` for `output_dir/lora`. The sample grid goes in as `samples.png` and the
     model card carries the training configuration.
     """
     if ema is not None:
@@ -163,6 +163,7 @@ def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None
     if args.lora_rank:
         save_lora(folder, model)
     else:
+        pipe.to(dtype=SAVE_DTYPES[args.save_precision])
         pipe.save_pretrained(folder)
     if grid is not None:
         shutil.copy(grid, folder / "samples.png")
