@@ -21,7 +21,8 @@ from pixel_diffusers.training_utils import addition_pairs, answer_pairs
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True, help="A saved PixelDLMPipeline folder or Hub id.")
-    parser.add_argument("--data", type=str, default=None, help='A JSON list of {"prompt", "answer"}; default: addition.')
+    parser.add_argument("--data", type=str, default=None,
+                        help='A JSON list of {"prompt", "answer"}; default: the addition pairs.')
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

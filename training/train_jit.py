@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_pipeline(args) -> JiTPipeline:
     if args.pretrained_model_name_or_path:
         if args.transformer_config:
-            raise ValueError("--transformer_config shapes a fresh model; a --pretrained_model_name_or_path keeps its own.")
+            raise ValueError(
+                "--transformer_config shapes a fresh model; a --pretrained_model_name_or_path keeps its own."
+            )
         return JiTPipeline.from_pretrained(args.pretrained_model_name_or_path)
     overrides = dict(args.transformer_config or {})
     if args.shapes_dataset_size:

@@ -150,8 +150,8 @@ def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None
     """Writes the run's result (main process only) and pushes it when `args.push_to_hub`.
 
     With EMA the averaged weights replace the trained ones. A full run saves the pipeline to `output_dir/pipeline` (in
-    `args.save_precision`, after which `pipe` keeps that precision); a LoRA run calls `save_lora(folder, model)` for `output_dir/lora`. The sample grid goes in as `samples.png` and the
-    model card carries the training configuration.
+    `args.save_precision`, after which `pipe` keeps that precision); a LoRA run calls `save_lora(folder, model)` for
+    `output_dir/lora`. The sample grid goes in as `samples.png` and the model card carries the training configuration.
     """
     if ema is not None:
         ema.copy_to([p for p in model.parameters() if p.requires_grad])

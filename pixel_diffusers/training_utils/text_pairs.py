@@ -38,7 +38,9 @@ def answer_pairs(
     return hits, texts
 
 
-def exact_match(pipe, items: list[dict], num_inference_steps: int = 20, guidance_scale: float = 1.0, seed: int = 0) -> float:
+def exact_match(
+    pipe, items: list[dict], num_inference_steps: int = 20, guidance_scale: float = 1.0, seed: int = 0
+) -> float:
     """Fraction of `items` whose answer `pipe` writes exactly (see `answer_pairs`)."""
     hits, _ = answer_pairs(pipe, items, num_inference_steps, guidance_scale, seed)
     return sum(hits) / len(hits)

@@ -69,7 +69,9 @@ class TextPixelCodec:
             raise ValueError(f"levels must be an integer in [2, 256]; got {levels!r}.")
         white = levels**3 - 1
         if vocab_size > white:
-            raise ValueError(f"vocab_size must be at most {white} (three channels of {levels} levels); got {vocab_size}.")
+            raise ValueError(
+                f"vocab_size must be at most {white} (three channels of {levels} levels); got {vocab_size}."
+            )
         for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= white):
                 raise ValueError(f"{name} must be None or an integer in [0, {white}]; got {value!r}.")
@@ -97,8 +99,14 @@ class TextPixelCodec:
 
     def colors_to_ids(self, colors: torch.Tensor) -> torch.Tensor:
         """(..., 3) colours -> (..., ) ids, each channel clamped to [0, 1] and rounded to the nearest level."""
-        base = self.levels
-        digits = torch.round(colors.float().clamp(0.0, 1.0) * (base - 1)).long()
+        return self._digits_to_ids(self._digits(colors))
+
+    def _digits(self, colors: torch.Tensor) -> torch.Tensor:
+        """(..., 3) colours -> (..., 3) base-`levels` digits (float), clamped and rounded."""
+        return torch.round(colors.float().clamp(0.0, 1.0) * (self.levels - 1))
+
+    def _digits_to_ids(self, digits: torch.Tensor) -> torch.Tensor:
+        base, digits = self.levels, digits.long()
         return digits[..., 0] * base**2 + digits[..., 1] * base + digits[..., 2]
 
     # ---------------------------------------------------------------------------------------------- encoding
@@ -146,8 +154,8 @@ class TextPixelCodec:
         """(..., 3) colours -> (..., ) ids of the nearest vocabulary id, EOS or pad colour (in rounded levels; ties go
         to EOS / pad)."""
         base = self.levels
-        digits = torch.round(colors.float().clamp(0.0, 1.0) * (base - 1))
-        ids = self.colors_to_ids(colors)
+        digits = self._digits(colors)
+        ids = self._digits_to_ids(digits)
         top = self.vocab_size - 1
         t0, t1, t2 = top // base**2, (top // base) % base, top % base
         d0, d1, d2 = digits.unbind(-1)
@@ -163,9 +171,8 @@ class TextPixelCodec:
         candidates.append(torch.stack([torch.full_like(d0, t0), torch.full_like(d1, t1), d2.clamp(max=t2)], -1))
         stacked = torch.stack(candidates)  # (K, ..., 3)
         best = ((stacked - digits[None]) ** 2).sum(-1).argmin(0)
-        nearest = torch.gather(stacked, 0, best[None, ..., None].expand(1, *digits.shape)).squeeze(0).long()
-        snapped = nearest[..., 0] * base**2 + nearest[..., 1] * base + nearest[..., 2]
-        return torch.where(ids < self.vocab_size, ids, snapped)
+        nearest = torch.gather(stacked, 0, best[None, ..., None].expand(1, *digits.shape)).squeeze(0)
+        return torch.where(ids < self.vocab_size, ids, self._digits_to_ids(nearest))
 
     def decode(self, images: torch.Tensor, snap: bool = False) -> list[list[int]]:
         """(B, 3, S, S) or (3, S, S) images -> one list of text token ids per image (EOS and padding removed)."""
