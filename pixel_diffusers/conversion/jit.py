@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..models.transformers.transformer_jit import JIT_PRESETS, JiTTransformer2DModel, _rope_angles
+from .strict import check_converted_state_dict
 
 __all__ = ["JiTConversionReport", "add_subparser", "convert_jit_checkpoint", "convert_pixeldlm_checkpoint"]
 
@@ -145,18 +146,7 @@ def _load_strict(model: JiTTransformer2DModel, converted: dict, mapped: dict, sr
     expected = model.state_dict()
     missing = sorted(key for key in expected if key not in converted)
     unexpected = sorted(upstream for upstream, ours in mapped.items() if ours not in expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"Checkpoint {str(src)!r} does not match JiTTransformer2DModel({config_source}). Missing keys (ours): "
-            f"{missing}. Unexpected upstream keys: {unexpected}."
-        )
-    wrong = [
-        f"{key}: checkpoint {tuple(converted[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if converted[key].shape != expected[key].shape
-    ]
-    if wrong:
-        raise ValueError(f"Checkpoint {str(src)!r} has tensors of the wrong shape for {config_source}: {wrong}.")
+    check_converted_state_dict(converted, expected, missing, unexpected, src, "JiTTransformer2DModel", config_source)
     model.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in converted.items()}, strict=True)
     model.eval()
 

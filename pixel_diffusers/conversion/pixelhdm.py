@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..models.transformers.transformer_pixelhdm import PIXELHDM_PRESETS, PixelHDMTransformer2DModel
+from .strict import check_converted_state_dict
 
 __all__ = ["PixelHDMConversionReport", "convert_pixelhdm_checkpoint"]
 
@@ -382,18 +383,9 @@ def convert_pixelhdm_checkpoint(
             notes.append(f"{len(from_model)} tensors absent from ema.shadow taken from 'model': {sorted(from_model)}.")
             missing = [key for key in missing if key not in from_model]
     unexpected = sorted(src_key for src_key, key in mapped.items() if key not in expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"Checkpoint {str(src)!r} does not match PixelHDMTransformer2DModel({config_source}). "
-            f"Missing keys (ours): {missing}. Unexpected upstream keys: {unexpected}."
-        )
-    mismatched = [
-        f"{key}: checkpoint {tuple(converted[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if converted[key].shape != expected[key].shape
-    ]
-    if mismatched:
-        raise ValueError(f"Checkpoint {str(src)!r} has tensors of the wrong shape for {config_source}: {mismatched}.")
+    check_converted_state_dict(
+        converted, expected, missing, unexpected, src, "PixelHDMTransformer2DModel", config_source
+    )
     dtypes = sorted({str(value.dtype).replace("torch.", "") for value in converted.values()})
     if dtypes != ["float32"]:
         notes.append(f"source tensors in {', '.join(dtypes)}; loaded into a float32 model.")
