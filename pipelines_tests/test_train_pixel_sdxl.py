@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pixel_diffusers.models.unets.unet_pixel_sdxl import PIXEL_SDXL_PRESETS, PixelSDXLUNet2DConditionModel
+from pixel_diffusers.training_utils import MetadataBatches, bucket_for, build_lpips, process_tags
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_pixel_sdxl.py"
 spec = importlib.util.spec_from_file_location("train_pixel_sdxl", SCRIPT)
@@ -38,8 +39,8 @@ def unet_weights(folder):
 
 
 def test_bucketing_follows_upstream():
-    assert train.bucket_for(1000, 800, 1024 * 1024, 32) == (992, 800)  # fits: floored to 32
-    width, height = train.bucket_for(3000, 2000, 1024 * 1024, 32)
+    assert bucket_for(1000, 800, 1024 * 1024, 32) == (992, 800)  # fits: floored to 32
+    width, height = bucket_for(3000, 2000, 1024 * 1024, 32)
     assert width % 32 == 0 and height % 32 == 0 and abs(width / height - 1.5) < 0.03
     assert width * height <= 1.1 * 1024 * 1024
 
@@ -47,10 +48,10 @@ def test_bucketing_follows_upstream():
 def test_tag_rules():
     tags = ", ".join(f"tag{i}" for i in range(40)) + ", masterpiece, safe"
     for seed in range(20):
-        out = train.process_tags(tags, random.Random(seed), 0.5, 15).split(", ")
+        out = process_tags(tags, random.Random(seed), 0.5, 15).split(", ")
         assert "masterpiece" in out and "safe" in out  # the last two are never dropped
         assert len(out) >= 15 + 2 and len(set(out)) == len(out)
-    short = train.process_tags("a, b, c, best, general", random.Random(0), 0.5, 15).split(", ")
+    short = process_tags("a, b, c, best, general", random.Random(0), 0.5, 15).split(", ")
     assert sorted(short) == ["a", "b", "best", "c", "general"]  # fewer than 15: every dropped tag comes back
 
 
@@ -63,7 +64,7 @@ def test_metadata_batches(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     metadata[str(tmp_path / "bad.png")] = {"tags": "x, y, z", "image_size": [64, 64]}
     (tmp_path / "meta.json").write_text(json.dumps(metadata))
-    batches = train.MetadataBatches([tmp_path / "meta.json"], 2, 0, 0.0, 0.5, 64 * 64, 48 * 48, 16, 0.5, 15)
+    batches = MetadataBatches([tmp_path / "meta.json"], 2, 0, 0.0, 0.5, 64 * 64, 48 * 48, 16, 0.5, 15)
     assert sorted(batches.buckets) == [(48, 80), (64, 64), (80, 64)]  # 40x40 is too small; 96x160 scaled down
     stream = iter(batches)
     seen = [next(stream) for _ in range(3)]
@@ -76,7 +77,7 @@ def test_metadata_batches(tmp_path):
         for ids in batch["time_ids"].tolist():
             assert ids[4:] == [height, width] and 0 <= ids[2] and 0 <= ids[3]
         assert all(set(c.split(", ")) >= {"best", "safe"} for c in batch["captions"])
-    resumed = train.MetadataBatches([tmp_path / "meta.json"], 2, 0, 0.0, 0.5, 64 * 64, 48 * 48, 16, 0.5, 15)
+    resumed = MetadataBatches([tmp_path / "meta.json"], 2, 0, 0.0, 0.5, 64 * 64, 48 * 48, 16, 0.5, 15)
     last = max(i for i, b in enumerate(seen) if b["pixel_values"] is not None)
     resumed.load_state_dict({"epoch": 0, "batches_done": last, "seed": 0})
     again = next(iter(resumed))
@@ -94,7 +95,7 @@ def test_train_resume_is_exact(tmp_path):
 
 
 def test_frozen_body_trains_only_the_coders(tmp_path):
-    train.main(common(tmp_path, "--max_train_steps", "2", "--body_learning_rate", "0", "--time_sampling", "uniform"))
+    train.main(common(tmp_path, "--max_train_steps", "2", "--body_learning_rate", "0", "--weighting_scheme", "none"))
     before = fresh_unet().state_dict()
     after = unet_weights(tmp_path)
     changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
@@ -138,4 +139,4 @@ def test_distillation_trains_one_coder(tmp_path, teacher_folder, stage, coder, p
 
 def test_lpips_needs_local_weights():
     with pytest.raises(ValueError, match="lpips"):
-        train.build_lpips(None, "cpu")
+        build_lpips(None, "cpu")

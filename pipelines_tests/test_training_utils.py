@@ -185,7 +185,7 @@ def test_streaming_batches_are_sharded_skip_corrupt_rows_and_resume(tmp_path):
     reference = [next(iterator) for _ in range(10)]  # 16 readable rows: 8 batches per epoch
     assert full.num_skipped >= 1
     resumed = StreamingBucketBatches(stream, buckets, 2, seed=0, caption_dropout=0.0)
-    resumed.load_state_dict({"epoch": 1, "batches_done": 0, "seed": 0})
+    resumed.load_state_dict({"epoch": 1, "batches_done": 0, "rows_done": 0, "waiting": [], "seed": 0})
     again = iter(resumed)
     for expected in reference[8:10]:
         batch = next(again)
@@ -202,7 +202,7 @@ def test_sampled_sigmas_stay_inside_t_eps():
     assert abs(sigmas.mean().item() - 0.5) < 0.02  # logit-normal(0, 1) is symmetric
     again = sample_flow_sigmas(4096, torch.Generator().manual_seed(0))
     assert torch.equal(sigmas, again)
-    with pytest.raises(ValueError, match="time_sampling"):
+    with pytest.raises(ValueError, match="weighting_scheme"):
         sample_flow_sigmas(2, scheme="beta")
 
 

@@ -6,7 +6,8 @@
         --preset JiT-B/16 --transformer_config '{"sample_size": 32, "patch_size": 4}' --output_dir shapes-jit
 
 The objective is JiT's (paper Sec. 3-4, official `denoiser.py`): time `t = sigmoid(N(P_mean, P_std^2))`
-(1 = clean), `z = t x + (1 - t) e` with `e ~ N(0, s^2)` (`s`: the transformer's `noise_scale`, JiT's rule
+(1 = clean; `--weighting_scheme logit_normal --logit_mean -0.8 --logit_std 0.8`, the defaults, are JiT's
+P_mean / P_std in diffusers' flags, whose other schemes work too), `z = t x + (1 - t) e` with `e ~ N(0, s^2)` (`s`: the transformer's `noise_scale`, JiT's rule
 size / 256 by default), the network predicts x and the loss is the velocity MSE
 `|(x_pred - z) / max(1 - t, t_eps) - (x - z) / max(1 - t, t_eps)|^2`; labels are replaced by the null class with
 probability `--label_dropout` for classifier-free guidance. Items must carry a `class_label` (the shapes
@@ -31,12 +32,17 @@ from pixel_diffusers.training_utils import (
     TrainingRun,
     add_common_training_args,
     add_image_data_args,
+    add_validation_args,
+    add_weighting_args,
     build_image_batches,
-    lr_scheduler_from_args,
     build_optimizer,
+    flow_loss_weights,
     log_sample_grid,
+    lr_scheduler_from_args,
     make_accelerator,
     parse_args,
+    resolve_training_length,
+    sample_flow_sigmas,
     save_final_outputs,
     shapes,
 )
@@ -47,16 +53,16 @@ logger = logging.getLogger("train_jit")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_training_args(parser)
+    add_validation_args(parser, prompts=False)
     add_image_data_args(parser)
+    add_weighting_args(parser, logit_mean=-0.8, logit_std=0.8)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="A JiTPipeline to continue.")
     model.add_argument("--preset", choices=[k for k in JIT_PRESETS if k.startswith("JiT")], default="JiT-B/16")
     model.add_argument("--transformer_config", type=json.loads, default=None, help="JSON overrides of the preset.")
     model.add_argument("--num_classes", type=int, default=None, help="Defaults to the shapes set's class count.")
     loss = parser.add_argument_group("loss")
-    loss.add_argument("--P_mean", type=float, default=-0.8)
-    loss.add_argument("--P_std", type=float, default=0.8)
-    loss.add_argument("--t_eps", type=float, default=0.05)
+    loss.add_argument("--t_eps", type=float, default=0.05, help="Floor of 1 - t in the velocity's denominator.")
     loss.add_argument("--label_dropout", type=float, default=0.1)
     sampling = parser.add_argument_group("validation sampling")
     sampling.add_argument("--validation_num_inference_steps", type=int, default=20)
@@ -108,8 +114,6 @@ def main(argv: list[str] | None = None):
     args = parse_args(build_parser(), argv)
     if not 0.0 <= args.label_dropout <= 1.0:
         raise ValueError(f"--label_dropout must lie in [0, 1], got {args.label_dropout}.")
-    if args.lora_rank:
-        raise ValueError("train_jit.py trains all weights; --lora_rank is not supported here.")
     accelerator = make_accelerator(args, "train_jit")
     device = accelerator.device
     set_seed(args.seed)  # the initial weights depend on the seed only
@@ -124,8 +128,9 @@ def main(argv: list[str] | None = None):
     optimizer = build_optimizer(list(transformer.named_parameters()), args.optimizer, args.learning_rate,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay)
     processes = accelerator.num_processes
-    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
     batches, dataset = build_image_batches(args, processes, accelerator.process_index)
+    resolve_training_length(args, batches)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
     run = TrainingRun.prepare(accelerator, args, transformer, optimizer, lr_scheduler, batches, dataset)
     transformer, model, ema = run.model, run.unwrapped, run.ema
 
@@ -136,14 +141,17 @@ def main(argv: list[str] | None = None):
         labels = batch["class_labels"].to(device)
         drop = (torch.rand(len(x), generator=generator) < args.label_dropout).to(device)
         labels = torch.where(drop, torch.full_like(labels, null_class), labels)
-        t = torch.sigmoid(torch.randn(len(x), generator=generator) * args.P_std + args.P_mean).to(device)
+        sigmas = sample_flow_sigmas(len(x), generator, args.weighting_scheme, args.logit_mean, args.logit_std, 0.0,
+                                    mode_scale=args.mode_scale)
+        t = (1 - sigmas).to(device)
         noise = (torch.randn(x.shape, generator=generator) * noise_scale).to(device)
         t4 = t.view(-1, 1, 1, 1)
         z = t4 * x + (1 - t4) * noise
         with accelerator.autocast():
             x_pred = transformer(z, (1 - t) * 1000, class_labels=labels).sample.float()
         denominator = (1 - t4).clamp(min=args.t_eps)
-        loss = (((x_pred - z) / denominator - (x - z) / denominator) ** 2).mean()
+        error = (((x_pred - z) / denominator - (x - z) / denominator) ** 2).mean(dim=(1, 2, 3))
+        loss = (flow_loss_weights(args.weighting_scheme, sigmas).to(device) * error).mean()
         accelerator.backward(loss / args.gradient_accumulation_steps)
         return {"loss": loss.detach(), "images": len(x)}
 

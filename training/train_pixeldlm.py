@@ -3,7 +3,7 @@
 
     accelerate launch training/train_pixeldlm.py --data data/train --tokenizer_name_or_path Qwen/Qwen2.5-7B-Instruct \
         --output_dir pixeldlm-pretrain --preset PixelDLM-B/4
-    accelerate launch training/train_pixeldlm.py --data sft.json --pretrained_model pixeldlm-pretrain/pipeline \
+    accelerate launch training/train_pixeldlm.py --data sft.json --pretrained_model_name_or_path pixeldlm-pretrain/pipeline \
         --output_dir pixeldlm-sft --condition_dropout 0.1
 
 Data (upstream's formats): a JSON list (or JSONL) of `{"text"}` (unconditional, pre-training) or
@@ -17,6 +17,8 @@ Deliberate differences from upstream `train.py`: the condition is dropped with p
 (upstream never drops it, so its classifier-free guidance cannot work); the prediction is not clamped inside the loss
 (clamping zeroes its gradient outside [0, 1]); the model is not given the target mask, which inference cannot know
 (upstream trains with it and samples without); one optimiser step per update (upstream steps twice under AMP).
+The loop is the shared one (`training_utils.TrainingRun`): progress bar, EMA, ZClip, spike rollback, exact resume;
+`--validation_steps` / `--validation_epochs` log the exact-match accuracy of the prompt / answer items.
 """
 
 from __future__ import annotations
@@ -34,20 +36,20 @@ from pixel_diffusers.models.transformers.transformer_jit import JIT_PRESETS, JiT
 from pixel_diffusers.pipelines.pixeldlm.pipeline_pixeldlm import PixelDLMPipeline
 from pixel_diffusers.schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
 from pixel_diffusers.training_utils import (
-    SAVE_DTYPES,
-    AdaptiveGradClip,
-    addition_pairs,
-    exact_match,
-    CheckpointManager,
+    TextItemBatches,
+    TrainingRun,
     TrainingState,
     add_common_training_args,
-    lr_scheduler_from_args,
+    add_validation_args,
+    addition_pairs,
     build_optimizer,
+    exact_match,
+    lr_scheduler_from_args,
     make_accelerator,
     parse_args,
-    push_checkpoint,
-    step_generator,
-    training_config_yaml,
+    read_text_items,
+    resolve_training_length,
+    save_final_outputs,
 )
 
 logger = logging.getLogger("train_pixeldlm")
@@ -56,12 +58,14 @@ logger = logging.getLogger("train_pixeldlm")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_training_args(parser)
+    add_validation_args(parser, prompts=False)
     group = parser.add_argument_group("PixelDLM")
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=str, help="JSON/JSONL/TXT file or a folder of them.")
     source.add_argument("--synthetic_addition", action="store_true",
                         help='The 64 built-in pairs "13+27=" -> "40" (training_utils.addition_pairs).')
-    group.add_argument("--pretrained_model", type=str, default=None, help="A PixelDLMPipeline folder or Hub id.")
+    group.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="A PixelDLMPipeline folder or Hub id.")
     group.add_argument("--preset", choices=[k for k in JIT_PRESETS if k.startswith("PixelDLM")], default="PixelDLM-B/4")
     group.add_argument("--transformer_config", type=json.loads, default=None, help="JSON overrides of the preset.")
     group.add_argument("--tokenizer_name_or_path", type=str, default=None)
@@ -74,44 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--condition_dropout", type=float, default=0.1, help="Probability of training unconditionally.")
     group.add_argument("--pad_loss_weight", type=float, default=0.0, help="Loss weight of padding pixels.")
     group.add_argument("--validation_num_inference_steps", type=int, default=20)
-    group.add_argument("--num_validation_items", type=int, default=64, help="Items whose answers are decoded at the end.")
+    group.add_argument("--num_validation_items", type=int, default=64, help="Items whose answers are decoded.")
     return parser
 
 
-def read_items(path: str | Path) -> tuple[list[dict], int]:
-    """Items `{"text"}` / `{"prompt", "answer"}` from a file or folder, and the number of unreadable files/items."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".txt")) if path.is_dir() else [path]
-    items, skipped = [], 0
-    for file in files:
-        try:
-            text = file.read_text(encoding="utf-8")
-            if file.suffix == ".txt":
-                raw = [{"text": line} for line in text.splitlines() if line.strip()]
-            elif file.suffix == ".jsonl":
-                raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
-                raw = json.loads(text)
-                raw = raw if isinstance(raw, list) else [raw]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            logger.warning("skipping unreadable %s: %s", file, error)
-            skipped += 1
-            continue
-        for item in raw:
-            if isinstance(item, dict) and isinstance(item.get("answer"), str) and isinstance(item.get("prompt"), str):
-                items.append({"prompt": item["prompt"], "answer": item["answer"]})
-            elif isinstance(item, dict) and isinstance(item.get("text"), str):
-                items.append({"prompt": None, "answer": item["text"]})
-            else:
-                skipped += 1
-    if not items:
-        raise ValueError(f"--data={str(path)!r} holds no {{'text'}} or {{'prompt', 'answer'}} items.")
-    return items, skipped
-
-
 def load_pipeline(args) -> PixelDLMPipeline:
-    if args.pretrained_model:
-        pipe = PixelDLMPipeline.from_pretrained(args.pretrained_model)
+    if args.pretrained_model_name_or_path:
+        pipe = PixelDLMPipeline.from_pretrained(args.pretrained_model_name_or_path)
         if args.color_levels not in (None, pipe.config.color_levels):
             raise ValueError(
                 f"--color_levels={args.color_levels} differs from the pretrained model's {pipe.config.color_levels}; "
@@ -127,37 +100,15 @@ def load_pipeline(args) -> PixelDLMPipeline:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
     else:
-        raise ValueError("A fresh model needs --tokenizer_name_or_path or --tiny_tokenizer (or --pretrained_model).")
+        raise ValueError(
+            "A fresh model needs --tokenizer_name_or_path or --tiny_tokenizer (or --pretrained_model_name_or_path)."
+        )
     transformer = JiTTransformer2DModel.from_preset(args.preset, **(args.transformer_config or {}))
     scheduler = PixelFlowMatchScheduler(solver="euler", prediction_type="flow_prediction")
     return PixelDLMPipeline(transformer, scheduler, tokenizer, color_levels=args.color_levels or 256)
 
 
-class ItemBatches:
-    """Shuffled batches of item indices, one permutation per epoch from (seed, epoch, rank); resumable exactly."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, num_replicas: int, rank: int):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.num_replicas, self.rank = num_replicas, rank
-        self.position = 0
-
-    def next(self) -> list[int]:
-        batch = []
-        for _ in range(self.batch_size):
-            epoch, offset = divmod(self.position * self.num_replicas + self.rank, self.num_items)
-            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            batch.append(int(order[offset]))
-            self.position += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> TrainingState:
     args = parse_args(build_parser(), argv)
     if args.data and args.synthetic_addition:
         raise ValueError("Pass either --data or --synthetic_addition (a config file may set one of them), not both.")
@@ -168,94 +119,67 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)  # the initial weights depend on the seed only
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
-    codec, tokenizer = pipe.codec, pipe.tokenizer
     transformer = pipe.transformer.train()
     if transformer.config.architecture != "pixeldlm":
         raise ValueError("The transformer must have architecture='pixeldlm'.")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    items, skipped = (addition_pairs(), 0) if args.synthetic_addition else read_items(args.data)
+    items, skipped = (addition_pairs(), 0) if args.synthetic_addition else read_text_items(args.data)
+    pairs = [item for item in items if item["prompt"] is not None][: args.num_validation_items]
 
     optimizer = build_optimizer(list(transformer.named_parameters()), args.optimizer, args.learning_rate,
                                 (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay)
     processes = accelerator.num_processes
+    batches = TextItemBatches(items, pipe.codec, pipe.tokenizer, args.train_batch_size, args.seed, processes,
+                              accelerator.process_index, num_unreadable=skipped)
+    resolve_training_length(args, batches)
     lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
-    ema = None
-    if args.use_ema:
-        from diffusers.training_utils import EMAModel
+    run = TrainingRun.prepare(accelerator, args, transformer, optimizer, lr_scheduler, batches, dataset=batches)
+    transformer, model, ema = run.model, run.unwrapped, run.ema
 
-        ema = EMAModel(list(transformer.parameters()), decay=args.ema_decay)
-    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    model = accelerator.unwrap_model(transformer)
-    batches = ItemBatches(len(items), args.train_batch_size, args.seed, processes, accelerator.process_index)
-    clipper = AdaptiveGradClip(args.max_grad_norm, args.zclip_threshold)
-    state = TrainingState(step=0, texts_seen=0, skipped_items=skipped)
-    for stateful in (batches, clipper, state) + ((ema,) if ema is not None else ()):
-        accelerator.register_for_checkpointing(stateful)
-    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-    checkpoints.resume(accelerator, args.resume_from_checkpoint)
-    if ema is not None:
-        ema.to(device)
-
-    def micro_step(indices: list[int], generator: torch.Generator) -> torch.Tensor:
-        chunk = [items[i] for i in indices]
-        target, mask = codec.encode_text(tokenizer, [item["answer"] for item in chunk], truncate=True)
-        condition, _ = codec.encode_text(tokenizer, [item["prompt"] or "" for item in chunk], truncate=True)
-        keep = torch.tensor([item["prompt"] is not None for item in chunk])
-        keep &= torch.rand(len(chunk), generator=generator) >= args.condition_dropout
-        sigmas = torch.randint(0, 1000, (len(chunk),), generator=generator).float() / 1000  # upstream's integer t
+    def micro_step(batch, generator) -> dict:
+        target = batch["pixel_values"]
+        keep = batch["has_prompt"] & (torch.rand(len(target), generator=generator) >= args.condition_dropout)
+        sigmas = torch.randint(0, 1000, (len(target),), generator=generator).float() / 1000  # upstream's integer t
         noise = torch.randn(target.shape, generator=generator)
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - s) * target + s * noise
         with accelerator.autocast():
-            prediction = transformer(noisy.to(device), sigmas.to(device) * 1000, condition=condition.to(device),
+            prediction = transformer(noisy.to(device), sigmas.to(device) * 1000, condition=batch["condition"].to(device),
                                      condition_mask=keep.to(device)).sample.float()
-        weight = mask + args.pad_loss_weight * (1 - mask)
-        weight = weight.to(device)[:, None].expand_as(prediction)
+        mask = batch["text_mask"]
+        weight = (mask + args.pad_loss_weight * (1 - mask)).to(device)[:, None].expand_as(prediction)
         loss = (weight * (prediction - target.to(device)) ** 2).sum() / weight.sum().clamp(min=1)
         accelerator.backward(loss / args.gradient_accumulation_steps)
-        return loss.detach()
+        return {"loss": loss.detach(), "images": len(target)}
 
-    logger.info("Training on %d items (%d skipped) from step %d to %d.", len(items), skipped, state.step, args.max_train_steps)
-    while state.step < args.max_train_steps:
-        losses = []
-        for micro in range(args.gradient_accumulation_steps):
-            generator = step_generator(args.seed, state.step * args.gradient_accumulation_steps + micro, accelerator.process_index)
-            losses.append(micro_step(batches.next(), generator))
-        grad_norm = clipper.clip(accelerator, list(transformer.parameters()))
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    def validate(step: int) -> float | None:
+        if not pairs:
+            return None
+        trainable = [p for p in model.parameters() if p.requires_grad]
         if ema is not None:
-            ema.step(model.parameters())
-        state.step += 1
-        state.texts_seen += args.train_batch_size * args.gradient_accumulation_steps * processes
-        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        accelerator.log({"loss": loss, "grad_norm": grad_norm, "lr": lr_scheduler.get_last_lr()[0]}, step=state.step)
-        if state.step % 50 == 0 or state.step == 1:
-            logger.info("step %d: loss=%.4g grad_norm=%.4g lr=%.3g", state.step, loss, grad_norm, lr_scheduler.get_last_lr()[0])
-        if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
-            path = checkpoints.save(accelerator, state.step)
-            if args.push_checkpoints_to_hub and accelerator.is_main_process:
-                push_checkpoint(args, path)
+            ema.store(trainable)
+            ema.copy_to(trainable)
+        model.eval()
+        accuracy = exact_match(pipe, pairs, args.validation_num_inference_steps, seed=args.seed)
+        model.train()
+        if ema is not None:
+            ema.restore(trainable)
+        accelerator.log({"exact_match": accuracy}, step=step)
+        logger.info("step %d: exact-match accuracy %.3f on %d prompt/answer items", step, accuracy, len(pairs))
+        return accuracy
 
+    logger.info("Training on %d items (%d skipped).", len(items), skipped)
+    run.train(accelerator, args, batches, micro_step, [p for p in transformer.parameters() if p.requires_grad],
+              validate=validate)
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(model.parameters())
-        pipe.transformer = model.eval()
-        folder = Path(args.output_dir) / "pipeline"
-        pipe.to(dtype=SAVE_DTYPES[args.save_precision]).save_pretrained(folder)
-        pairs = [item for item in items if item["prompt"] is not None][: args.num_validation_items]
-        accuracy = exact_match(pipe, pairs, args.validation_num_inference_steps, seed=args.seed) if pairs else None
-        result = {"step": state.step, "exact_match": accuracy, "num_items": len(pairs)}
+        accuracy = validate(run.state.step)  # with the EMA weights, as saved
+        result = {"step": run.state.step, "exact_match": accuracy, "num_items": len(pairs)}
         (Path(args.output_dir) / "exact_match.json").write_text(json.dumps(result))
-        logger.info("exact-match accuracy on %d prompt/answer items: %s", len(pairs), accuracy)
-        if args.push_to_hub:
-            card = {"training_config": training_config_yaml(args), "exact_match": accuracy}
-            pipe.save_pretrained(folder, push_to_hub=True, repo_id=args.hub_model_id, token=args.hub_token,
-                                 private=args.hub_private_repo or None, model_card_kwargs=card)
+        save_final_outputs(pipe, "transformer", model, ema, args, None, None, {"exact_match": accuracy})
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return run.state
 
 
 if __name__ == "__main__":

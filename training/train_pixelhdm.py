@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
@@ -32,13 +31,18 @@ from pixel_diffusers.training_utils import (
     TrainingRun,
     TrainingState,
     add_common_training_args,
-    add_lora_adapter,
     add_image_data_args,
+    add_lora_adapter,
+    add_lora_args,
+    add_validation_args,
+    add_weighting_args,
     build_image_batches,
-    lr_scheduler_from_args,
     build_optimizer,
+    flow_loss_weights,
+    lr_scheduler_from_args,
     make_accelerator,
     parse_args,
+    resolve_training_length,
     sample_flow_sigmas,
     sample_validation_grid,
     save_final_outputs,
@@ -51,7 +55,10 @@ logger = logging.getLogger("train_pixelhdm")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_training_args(parser)
+    add_validation_args(parser)
+    add_lora_args(parser)
     add_image_data_args(parser)
+    add_weighting_args(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A PixelHDM pipeline (folder or Hub id): text encoder, tokenizer, scheduler and, unless "
@@ -65,9 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max_sequence_length", type=int, default=511)
     loss = parser.add_argument_group("loss")
     loss.add_argument("--t_eps", type=float, default=0.05, help="Training times t = 1 - sigma lie in [t_eps, 1-t_eps].")
-    loss.add_argument("--time_sampling", choices=("logit_normal", "uniform"), default="logit_normal")
-    loss.add_argument("--logit_mean", type=float, default=0.0)
-    loss.add_argument("--logit_std", type=float, default=1.0)
     loss.add_argument("--freq_loss_weight", type=float, default=1.0, help="0 disables the frequency loss.")
     loss.add_argument("--freq_quality", type=int, default=90)
     loss.add_argument("--repa_encoder_name_or_path", type=str, default=None, help="DINOv3 model; None disables REPA.")
@@ -136,9 +140,9 @@ def main(argv: list[str] | None = None) -> TrainingState:
         named, args.optimizer, args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
         args.adam_weight_decay,
     )
-    processes = accelerator.num_processes
-    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
     batches, dataset = build_image_batches(args, accelerator.num_processes, accelerator.process_index)
+    resolve_training_length(args, batches)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
 
     run = TrainingRun.prepare(
         accelerator, args, transformer, optimizer, lr_scheduler, batches, dataset,
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
             )
             pooled = PixelHDMPipeline.pool_prompt_embeds(embeds, mask)
         sigmas = sample_flow_sigmas(
-            len(pixels), generator, args.time_sampling, args.logit_mean, args.logit_std, args.t_eps
+            len(pixels), generator, args.weighting_scheme, args.logit_mean, args.logit_std, args.t_eps,
+            mode_scale=args.mode_scale,
         ).to(device)
         noise = torch.randn(pixels.shape, generator=generator).to(device)
         noisy = (1 - sigmas.view(-1, 1, 1, 1)) * pixels + sigmas.view(-1, 1, 1, 1) * noise
@@ -168,7 +173,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
                 pooled_projections=pooled, return_aux=use_repa or args.gamma_l2_weight > 0,
             )
         prediction, target = output.sample.float(), pixels - noise
-        terms = {"v_loss": F.mse_loss(prediction, target)}
+        weights = flow_loss_weights(args.weighting_scheme, sigmas)
+        terms = {"v_loss": (weights * (prediction - target).square().mean(dim=(1, 2, 3))).mean()}
         if frequency_loss is not None:
             terms["freq_loss"] = frequency_loss(prediction, target)
         if use_repa:

@@ -5,12 +5,16 @@ from .checkpointing import CheckpointManager, TrainingState
 from .config import (
     SAVE_DTYPES,
     add_common_training_args,
+    add_lora_args,
+    add_validation_args,
+    add_weighting_args,
     image_grid,
     log_sample_grid,
     lr_scheduler_from_args,
     make_accelerator,
     parse_args,
     push_checkpoint,
+    resolve_training_length,
     step_generator,
     training_config_yaml,
 )
@@ -27,6 +31,7 @@ from .data import (
     collate,
     load_image_caption_dataset,
     preprocess_image,
+    resolve_image_args,
 )
 from .loop import (
     TrainingRun,
@@ -36,7 +41,19 @@ from .loop import (
     train_loop,
     validation_prompts,
 )
-from .losses import DINOv3Features, FrequencyLoss, REPALoss, sample_flow_sigmas
+from .distillation import SDXLTeacher
+from .metadata import MetadataBatches, bucket_for, process_tags
+from .progress import TrainingProgress
+from .sources import classify_source, expand_braces, open_image_source, resolve_columns
+from .losses import (
+    WEIGHTING_SCHEMES,
+    DINOv3Features,
+    FrequencyLoss,
+    REPALoss,
+    build_lpips,
+    flow_loss_weights,
+    sample_flow_sigmas,
+)
 from .optim import (
     AdaptiveGradClip,
     LossSpikeGuard,
@@ -46,7 +63,7 @@ from .optim import (
     run_with_oom_retry,
     stepped_cosine_restart_lambda,
 )
-from .text_pairs import addition_pairs, answer_pairs, exact_match
+from .text_pairs import TextItemBatches, addition_pairs, answer_pairs, exact_match, read_text_items
 
 __all__ = [
     "AdaptiveGradClip",
@@ -59,31 +76,50 @@ __all__ = [
     "HFImageCaptionSource",
     "ImageCaptionFolder",
     "LossSpikeGuard",
+    "MetadataBatches",
     "REPALoss",
     "SAVE_DTYPES",
+    "SDXLTeacher",
     "SampledBatches",
     "StreamingBucketBatches",
+    "TrainingProgress",
     "TrainingRun",
+    "TextItemBatches",
     "TrainingState",
+    "WEIGHTING_SCHEMES",
     "add_common_training_args",
     "add_image_data_args",
     "add_lora_adapter",
+    "add_lora_args",
+    "add_validation_args",
+    "add_weighting_args",
     "addition_pairs",
     "answer_pairs",
+    "bucket_for",
     "build_image_batches",
+    "build_lpips",
     "build_lr_scheduler",
     "build_optimizer",
+    "classify_source",
     "collate",
     "exact_match",
+    "expand_braces",
+    "flow_loss_weights",
     "halve_batch",
     "image_grid",
     "load_image_caption_dataset",
     "log_sample_grid",
     "lr_scheduler_from_args",
     "make_accelerator",
+    "open_image_source",
     "parse_args",
     "preprocess_image",
+    "process_tags",
     "push_checkpoint",
+    "read_text_items",
+    "resolve_columns",
+    "resolve_image_args",
+    "resolve_training_length",
     "run_with_oom_retry",
     "sample_flow_sigmas",
     "sample_validation_grid",

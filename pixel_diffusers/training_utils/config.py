@@ -22,21 +22,30 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments every training script takes: run, optimisation, checkpoints, EMA, LoRA, logging and the Hub."""
+    """Arguments every training script takes (diffusers' names): run, optimisation, checkpoints, EMA, logging, the Hub.
+
+    Scripts add what they use on top: `add_validation_args`, `add_lora_args`, `add_weighting_args`,
+    `data.add_image_data_args`; a flag a script does not use is not accepted.
+    """
     run = parser.add_argument_group("run")
     run.add_argument("--config", type=str, default=None, help="YAML file of argument values; the command line wins.")
     run.add_argument("--output_dir", type=str, required=True)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="no")
+    run.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls and convolutions on Ampere+ GPUs.")
     run.add_argument("--train_batch_size", type=int, default=16, help="Per process.")
     run.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    run.add_argument("--max_train_steps", type=int, default=1000, help="Optimiser steps.")
+    run.add_argument("--max_train_steps", type=int, default=None,
+                     help="Optimiser steps; when not given, --num_train_epochs passes over the data.")
+    run.add_argument("--num_train_epochs", type=int, default=1, help="Used when --max_train_steps is not given.")
     run.add_argument("--gradient_checkpointing", action="store_true")
-    run.add_argument("--dataloader_num_workers", type=int, default=0)
+    run.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bar; a log line every 10 steps.")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate(s) by batch size x accumulation steps x processes (diffusers).")
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
@@ -50,26 +59,53 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.Argume
     optim.add_argument("--spike_factor", type=float, default=5.0)
     optim.add_argument("--use_ema", action="store_true")
     optim.add_argument("--ema_decay", type=float, default=0.999)
-    optim.add_argument("--lora_rank", type=int, default=0, help="> 0 trains a LoRA of this rank instead of all weights.")
-    optim.add_argument("--lora_alpha", type=float, default=None, help="Defaults to the rank.")
 
     outputs = parser.add_argument_group("checkpoints and outputs")
     outputs.add_argument("--checkpointing_steps", type=int, default=500)
     outputs.add_argument("--checkpoints_total_limit", type=int, default=None)
     outputs.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
-    outputs.add_argument("--validation_steps", type=int, default=0, help="Sample grid interval; 0 = only at the end.")
-    outputs.add_argument("--validation_prompts", type=str, nargs="*", default=None)
     outputs.add_argument(
         "--save_precision", choices=tuple(SAVE_DTYPES), default="fp32",
         help="Precision of the final pipeline's weights (bf16 / fp16 halve its size); checkpoints stay full precision.",
     )
-    outputs.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    outputs.add_argument("--report_to", type=str, default="tensorboard",
+                         help='"tensorboard", "wandb", "comet_ml", ..., "all" or "none"; one that cannot start is an '
+                              "error.")
+    outputs.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
     outputs.add_argument("--push_to_hub", action="store_true")
     outputs.add_argument("--hub_model_id", type=str, default=None)
     outputs.add_argument("--hub_token", type=str, default=None)
     outputs.add_argument("--hub_private_repo", action="store_true")
     outputs.add_argument("--push_checkpoints_to_hub", action="store_true")
     return parser
+
+
+def add_validation_args(parser: argparse.ArgumentParser, prompts: bool = True) -> None:
+    """When validation runs: every `--validation_steps` or `--validation_epochs` (and at the end); `prompts` adds
+    `--validation_prompts` for text-conditioned scripts."""
+    group = parser.add_argument_group("validation")
+    group.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps.")
+    group.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs (diffusers).")
+    if prompts:
+        group.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--lora_rank", type=int, default=0, help="> 0 trains a LoRA of this rank instead of all weights.")
+    group.add_argument("--lora_alpha", type=float, default=None, help="Defaults to the rank.")
+
+
+def add_weighting_args(parser: argparse.ArgumentParser, logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
+    """diffusers' noise-level sampling and loss weighting flags (see `losses.sample_flow_sigmas`)."""
+    from .losses import WEIGHTING_SCHEMES
+
+    group = parser.add_argument_group("noise levels")
+    group.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",
+                       help="How noise levels are drawn (logit_normal, mode) and losses weighted (sigma_sqrt, cosmap).")
+    group.add_argument("--logit_mean", type=float, default=logit_mean, help="Of logit(1 - sigma), as diffusers.")
+    group.add_argument("--logit_std", type=float, default=logit_std)
+    group.add_argument("--mode_scale", type=float, default=1.29, help='Scale of the "mode" scheme.')
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,12 +128,38 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
             if any(action.dest in values for action in group._group_actions):
                 group.required = False
     args = parser.parse_args(argv)
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+                 "checkpointing_steps", "validation_steps", "validation_epochs"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}.")
+    if getattr(args, "validation_steps", None) and getattr(args, "validation_epochs", None):
+        raise ValueError("Give --validation_steps or --validation_epochs, not both.")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id.")
+    if hasattr(args, "resolution"):
+        from .data import resolve_image_args
+
+        resolve_image_args(args)
     return args
+
+
+def resolve_training_length(args: argparse.Namespace, batches) -> None:
+    """diffusers' rule: `--max_train_steps` wins; without it the run is `--num_train_epochs` passes over the data, of
+    ceil(batches per epoch / accumulation) steps each. `--validation_epochs` becomes `validation_steps`."""
+    per_epoch = None
+    if hasattr(batches, "__len__"):
+        per_epoch = max(1, math.ceil(len(batches) / args.gradient_accumulation_steps))
+    if args.max_train_steps is None:
+        if per_epoch is None:
+            raise ValueError("A stream has no known length: give --max_train_steps instead of --num_train_epochs.")
+        args.max_train_steps = args.num_train_epochs * per_epoch
+    else:
+        args.num_train_epochs = math.ceil(args.max_train_steps / per_epoch) if per_epoch else None
+    if getattr(args, "validation_epochs", None):
+        if per_epoch is None:
+            raise ValueError("--validation_epochs needs a known epoch length; use --validation_steps with --streaming.")
+        args.validation_steps = args.validation_epochs * per_epoch
 
 
 def lr_scheduler_from_args(args: argparse.Namespace, optimizer, num_processes: int):
@@ -118,11 +180,13 @@ def training_config_yaml(args: argparse.Namespace) -> str:
 
 
 def make_accelerator(args: argparse.Namespace, project_name: str):
-    """An `Accelerator` writing logs under `output_dir/logs`; also sets up logging and the trackers."""
+    """An `Accelerator` logging under `output_dir/logging_dir`; also sets up logging, TF32 (`--allow_tf32`), the
+    learning-rate scaling (`--scale_lr`, diffusers' rule, applied to every `*learning_rate` argument) and the trackers.
+    A requested tracker that cannot start (not installed, failing to initialise) is an error, not a warning."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    report_to = None if args.report_to == "none" else args.report_to
+    report_to = None if args.report_to == "none" else [name.strip() for name in args.report_to.split(",")]
     # Without a GPU, accelerate only forms a process group (gloo) when told to run on CPU: `torchrun` with several
     # processes on a CPU machine then trains data-parallel instead of running independent copies.
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -130,16 +194,36 @@ def make_accelerator(args: argparse.Namespace, project_name: str):
         cpu=several_processes and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
+        ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.scale_lr:
+        factor = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        for name, value in vars(args).items():
+            if name.endswith("learning_rate") and value is not None:
+                setattr(args, name, value * factor)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "training_config.yaml").write_text(training_config_yaml(args), encoding="utf-8")
     if report_to is not None:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         config.pop("hub_token", None)
-        accelerator.init_trackers(project_name, config=config)
+        started = {getattr(tracker, "value", str(tracker)) for tracker in accelerator.log_with}
+        missing = sorted(set(report_to) - started - {"all"})
+        if missing:
+            raise ValueError(
+                f"report_to={args.report_to!r}: {missing} cannot start (is the package installed?); use "
+                "--report_to none to train without a tracker."
+            )
+        try:
+            accelerator.init_trackers(project_name, config=config)
+        except Exception as error:  # noqa: BLE001 - a tracker that fails to start stops the run, naming it
+            raise ValueError(f"report_to={args.report_to!r}: the tracker could not start: {error}") from error
     return accelerator
 
 

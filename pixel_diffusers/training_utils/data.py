@@ -2,8 +2,10 @@
 
 Sources are map-style: `len(source)`, `source.size_of(i)` -> (height, width) read from the file header (None when
 unreadable), `source[i]` -> dict with "image" (PIL) and "caption" (plus any extra columns). Three are provided: a
-folder of images with same-stem `.txt` captions, any `datasets` dataset (an `imagefolder` with `metadata.jsonl`
-included), and the synthetic `ShapesDataset`. A streaming `datasets` dataset goes through `StreamingBucketBatches`.
+folder of images with same-stem `.txt` captions, any `datasets` dataset (every kind `sources.open_image_source`
+recognises: Hub names, imagefolders, `save_to_disk` folders, parquet, webdataset shards), and the synthetic
+`ShapesDataset`. A streaming `datasets` dataset goes through `StreamingBucketBatches`; pixel-SDXL's metadata JSON
+through `metadata.MetadataBatches`.
 
 Every random choice of an item (crop, flip, caption dropout) is drawn from a generator seeded by (seed, epoch, index),
 so a resumed run sees exactly the batches an uninterrupted one would.
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-logger = logging.getLogger(__name__)
+from .sources import IMAGE_EXTENSIONS, open_image_source, resolve_columns
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+logger = logging.getLogger(__name__)
 
 # Aspect ratios (width / height) the buckets are built from; each ratio comes with its inverse.
 _BUCKET_ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)
@@ -62,14 +64,18 @@ class ImageCaptionFolder:
 
 
 class HFImageCaptionSource:
-    """A map-style `datasets.Dataset` seen as a source; images are decoded here so that corrupt ones can be skipped."""
+    """A map-style `datasets.Dataset` seen as a source; images are decoded here so that corrupt ones can be skipped.
 
-    def __init__(self, dataset, image_column: str = "image", caption_column: str = "text"):
+    Columns left None are found by `sources.resolve_columns` ("image" or the first `Image` column; "text", "caption",
+    "txt" or "prompt")."""
+
+    def __init__(self, dataset, image_column: str | None = None, caption_column: str | None = None,
+                 name: str = "the dataset"):
         from datasets import Image as ImageFeature
 
-        for name, column in (("image_column", image_column), ("caption_column", caption_column)):
-            if column not in dataset.column_names:
-                raise ValueError(f"{name}={column!r} is not a column of the dataset; columns: {dataset.column_names}.")
+        image_column, caption_column = resolve_columns(
+            dataset.column_names, dataset.features, image_column, caption_column, name
+        )
         self.dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         self.image_column = image_column
         self.caption_column = caption_column
@@ -105,28 +111,26 @@ def _open_encoded(value) -> Image.Image:
 
 def load_image_caption_dataset(
     name_or_path: str,
-    image_column: str = "image",
-    caption_column: str = "text",
+    image_column: str | None = None,
+    caption_column: str | None = None,
     split: str = "train",
     streaming: bool = False,
     config_name: str | None = None,
     cache_dir: str | None = None,
+    argument: str = "dataset_name",
 ):
-    """A `datasets` dataset by Hub name or local path; a local folder of images loads as `imagefolder`.
+    """Any source `sources.open_image_source` recognises (a Hub name, an imagefolder, a `save_to_disk` folder, parquet,
+    webdataset shards, a caption folder), by name or path; `argument` names the flag in errors.
 
-    Returns an `HFImageCaptionSource` (map-style) or, with `streaming=True`, the `datasets.IterableDataset` to give to
-    `StreamingBucketBatches`.
+    Returns a map-style source (`HFImageCaptionSource`, or `ImageCaptionFolder` for a caption folder) or, with
+    `streaming=True`, the `datasets.IterableDataset` to give to `StreamingBucketBatches`.
     """
-    from datasets import load_dataset
-
-    path = Path(name_or_path)
-    if path.is_dir() and not any(path.glob("*.py")) and not (path / "dataset_info.json").exists():
-        dataset = load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, cache_dir=cache_dir)
-    else:
-        dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+    dataset = open_image_source(name_or_path, split, streaming, config_name, cache_dir, argument)
     if streaming:
         return dataset
-    return HFImageCaptionSource(dataset, image_column=image_column, caption_column=caption_column)
+    if dataset is None:
+        return ImageCaptionFolder(name_or_path)
+    return HFImageCaptionSource(dataset, image_column, caption_column, name=f"{argument}={name_or_path!r}")
 
 
 class AspectRatioBuckets:
@@ -197,7 +201,19 @@ class AspectRatioBuckets:
         return best
 
 
-class BucketBatchSampler:
+class EpochPosition:
+    """The resumable state of a seeded batch order: (epoch, batches done in it), checked against the run's seed."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"The checkpoint's data order used seed {state['seed']}, this run uses seed {self.seed}.")
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+
+class BucketBatchSampler(EpochPosition):
     """Buffered-shuffle batches, each from a single bucket, sharded over processes, resumable mid-epoch.
 
     Each epoch: items are shuffled within their bucket and cut into full batches (the remainder is dropped); buckets,
@@ -264,13 +280,6 @@ class BucketBatchSampler:
             self.epoch += 1
             self.batches_done = 0
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"The checkpoint's sampler used seed {state['seed']}, this run uses seed {self.seed}.")
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
 
 
 def preprocess_image(
@@ -356,8 +365,10 @@ class StreamingBucketBatches:
     """Batches from a streaming `datasets.IterableDataset`, sharded over processes, bucketed on the fly.
 
     Rows are shuffled through a buffer of `shuffle_buffer` (seeded), decoded, assigned to a bucket and held until their
-    bucket has `batch_size` items. Undecodable rows are skipped and counted in `num_skipped`. The state is the number
-    of batches yielded: a restored iterator replays the stream and skips them, so the next batch is exact.
+    bucket has `batch_size` items. Undecodable rows are skipped and counted in the next batch's `num_skipped` (and in
+    `num_skipped`). The state is the position in the stream and the positions of the rows still waiting in a bucket:
+    a restored iterator reads the consumed rows again but decodes only the waiting ones, so the next batch is exact.
+    A pass over the stream that gives no batch (an empty source, or too few readable rows) is an error naming `name`.
     """
 
     def __init__(
@@ -365,8 +376,8 @@ class StreamingBucketBatches:
         dataset,
         buckets: AspectRatioBuckets,
         batch_size: int,
-        image_column: str = "image",
-        caption_column: str = "text",
+        image_column: str | None = None,
+        caption_column: str | None = None,
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
@@ -374,17 +385,33 @@ class StreamingBucketBatches:
         caption_dropout: float = 0.1,
         random_crop: bool = True,
         flip_p: float = 0.5,
+        name: str = "the streamed dataset",
     ):
         from datasets import Image as ImageFeature
 
-        if dataset.features is not None and image_column in dataset.features:
+        first = next(iter(dataset.take(1)), None) if dataset.features is None else None
+        if dataset.features is None and first is None:
+            raise ValueError(f"{name} is empty: the stream has no row.")
+        columns = list(dataset.features) if dataset.features is not None else list(first)
+        image_column, caption_column = resolve_columns(columns, dataset.features, image_column, caption_column, name)
+        if dataset.features is not None and isinstance(dataset.features.get(image_column), ImageFeature):
             dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-        self.dataset, self.num_replicas, self.rank = dataset, num_replicas, rank
+        self.dataset, self.num_replicas, self.rank, self.name = dataset, num_replicas, rank, name
         self.buckets, self.batch_size, self.seed = buckets, batch_size, seed
         self.image_column, self.caption_column = image_column, caption_column
         self.shuffle_buffer, self.caption_dropout = shuffle_buffer, caption_dropout
         self.random_crop, self.flip_p = random_crop, flip_p
         self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
+        self.rows_done, self.waiting = 0, []  # position in this epoch's stream; rows held in unfilled buckets
+
+    def _item(self, row: dict, epoch: int, position: int) -> tuple[int, dict]:
+        rng = np.random.default_rng((self.seed, epoch, position))
+        image = _open_encoded(row[self.image_column]).convert("RGB")
+        bucket = self.buckets.assign(image.height, image.width)
+        height, width = self.buckets.sizes[bucket]
+        pixels = preprocess_image(image, height, width, self.random_crop, self.flip_p, rng)
+        caption = "" if rng.random() < self.caption_dropout else str(row.get(self.caption_column) or "")
+        return bucket, {"pixel_values": pixels, "caption": caption, "position": position}
 
     def _epoch_stream(self, epoch: int):
         from datasets.distributed import split_dataset_by_node
@@ -392,92 +419,150 @@ class StreamingBucketBatches:
         # Shuffle first (the same order on every process), then split: the processes see disjoint rows.
         shuffled = self.dataset.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
         stream = split_dataset_by_node(shuffled, rank=self.rank, world_size=self.num_replicas)
+        resume_at, rewaiting = self.rows_done, set(self.waiting)
         pending: dict[int, list[dict]] = {}
+        skipped = 0
         for position, row in enumerate(stream):
-            rng = np.random.default_rng((self.seed, epoch, position))
+            replay = position < resume_at
+            if replay and position not in rewaiting:
+                continue  # consumed before the checkpoint: read again, not decoded
+            if not replay:
+                self.rows_done = position + 1
             try:
-                image = _open_encoded(row[self.image_column]).convert("RGB")
-                bucket = self.buckets.assign(image.height, image.width)
-                height, width = self.buckets.sizes[bucket]
-                pixels = preprocess_image(image, height, width, self.random_crop, self.flip_p, rng)
+                bucket, item = self._item(row, epoch, position)
             except Exception as error:  # noqa: BLE001
+                skipped += 1
                 self.num_skipped += 1
-                logger.warning("Skipping a streamed row: %s", error)
+                logger.warning("Skipping a streamed row of %s: %s", self.name, error)
                 continue
-            caption = "" if rng.random() < self.caption_dropout else str(row.get(self.caption_column) or "")
-            pending.setdefault(bucket, []).append({"pixel_values": pixels, "caption": caption})
-            if len(pending[bucket]) == self.batch_size:
-                yield collate(pending.pop(bucket))
+            pending.setdefault(bucket, []).append(item)
+            if not replay and len(pending[bucket]) == self.batch_size:
+                batch = collate(pending.pop(bucket))
+                batch["num_skipped"], skipped = skipped, 0
+                self.waiting = sorted(i["position"] for items in pending.values() for i in items)
+                yield batch
 
     def __iter__(self):
         while True:
-            for count, batch in enumerate(self._epoch_stream(self.epoch)):
-                if count < self.batches_done:
-                    continue
+            for batch in self._epoch_stream(self.epoch):
                 self.batches_done += 1
                 yield batch
+            if self.batches_done == 0:
+                raise ValueError(
+                    f"{self.name} gave no batch of {self.batch_size} images in a whole pass over its stream "
+                    f"(process {self.rank} of {self.num_replicas}: {self.rows_done} rows, {self.num_skipped} unreadable)."
+                )
             self.epoch += 1
-            self.batches_done = 0
+            self.batches_done, self.rows_done, self.waiting = 0, 0, []
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
+        return {
+            "epoch": self.epoch, "batches_done": self.batches_done, "rows_done": self.rows_done,
+            "waiting": list(self.waiting), "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"The checkpoint's stream used seed {state['seed']}, this run uses seed {self.seed}.")
         self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.rows_done, self.waiting = state["rows_done"], list(state["waiting"])
 
 
 def add_image_data_args(parser) -> None:
-    """Data arguments of the image training scripts."""
+    """Data arguments of the image training scripts (diffusers' names where the meaning is the same)."""
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
-    source.add_argument("--train_data_dir", type=str, default=None, help="Folder of images with same-stem .txt captions.")
-    source.add_argument("--dataset_name", type=str, default=None, help="A `datasets` name or path (imagefolder too).")
+    source.add_argument("--dataset_name", type=str, default=None,
+                        help="A Hub dataset, or a local path of any kind: imagefolder, save_to_disk folder, parquet "
+                             "file(s) or folder, webdataset .tar shards (folder or brace pattern), caption folder.")
+    source.add_argument("--train_data_dir", type=str, default=None,
+                        help="A local folder: an imagefolder with metadata.jsonl/.csv, images with same-stem .txt "
+                             "captions, or any folder --dataset_name takes.")
+    source.add_argument("--metadata_json", type=str, nargs="+", default=None,
+                        help="pixel-SDXL metadata file(s): {image_path: {'tags': 't1, t2, ...', 'image_size': [W, H]}}.")
     source.add_argument("--shapes_dataset_size", type=int, default=None, help="Train on N synthetic shapes images.")
     data.add_argument("--dataset_config_name", type=str, default=None)
     data.add_argument("--dataset_split", type=str, default="train")
-    data.add_argument("--image_column", type=str, default="image")
-    data.add_argument("--caption_column", type=str, default="text")
-    data.add_argument("--streaming", action="store_true", help="Stream the `datasets` dataset instead of downloading it.")
-    data.add_argument("--shuffle_buffer", type=int, default=1000)
-    data.add_argument("--min_resolution", type=int, default=256)
-    data.add_argument("--max_resolution", type=int, default=512)
+    data.add_argument("--image_column", type=str, default=None,
+                      help='Default: "image", else the first image-typed column (webdataset: jpg, png, ...).')
+    data.add_argument("--caption_column", type=str, default=None,
+                      help='Default: the first of "text", "caption", "txt", "prompt".')
+    data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of loading it.")
+    data.add_argument("--shuffle_buffer", type=int, default=1000, help="Rows in the streaming shuffle buffer.")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="One fixed square size (diffusers); without it, aspect-ratio buckets between "
+                           "--min_resolution and --max_resolution.")
+    data.add_argument("--min_resolution", type=int, default=None, help="Smallest bucket side (default 256).")
+    data.add_argument("--max_resolution", type=int, default=None, help="Largest bucket side (default 512).")
     data.add_argument("--bucket_multiple", type=int, default=16, help="Bucket sides are multiples of this.")
     data.add_argument("--caption_dropout", type=float, default=0.1)
-    data.add_argument("--center_crop", action="store_true")
-    data.add_argument("--random_flip", type=float, default=0.5, help="Horizontal flip probability.")
+    data.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random window.")
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument("--flip_probability", type=float, default=0.5, help="How often --random_flip flips.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
     data.add_argument("--cache_dir", type=str, default=None)
+    meta = parser.add_argument_group("metadata JSON (--metadata_json)")
+    meta.add_argument("--bucket_area", type=int, default=1024 * 1024, help="Images larger than this are scaled down.")
+    meta.add_argument("--min_bucket_area", type=int, default=768 * 768, help="Smaller (floored) images are skipped.")
+    meta.add_argument("--bucket_step", type=int, default=32, help="Bucket sides are multiples of this.")
+    meta.add_argument("--max_tag_dropout", type=float, default=0.5, help="Per-sample tag dropout ~ U(0, this).")
+    meta.add_argument("--min_tags", type=int, default=15, help="Dropped tags are re-added up to this many.")
+
+
+def resolve_image_args(args) -> None:
+    """Fills `min_resolution`/`max_resolution` from `--resolution` (or their defaults) and checks the data flags."""
+    if args.resolution is not None:
+        if args.min_resolution is not None or args.max_resolution is not None:
+            raise ValueError("--resolution is one fixed size; do not combine it with --min_resolution/--max_resolution.")
+        args.min_resolution = args.max_resolution = args.resolution
+    args.min_resolution = 256 if args.min_resolution is None else args.min_resolution
+    args.max_resolution = max(512, args.min_resolution) if args.max_resolution is None else args.max_resolution
+    if not 0.0 <= args.flip_probability <= 1.0:
+        raise ValueError(f"flip_probability must be in [0, 1], got {args.flip_probability}.")
+    if args.streaming and (args.metadata_json or args.shapes_dataset_size):
+        raise ValueError("--streaming streams --dataset_name / --train_data_dir; the metadata JSON and the shapes set "
+                         "are read map-style.")
+    if args.streaming and args.dataloader_num_workers:
+        raise ValueError("--dataloader_num_workers applies to map-style data; a stream is read in the main process.")
 
 
 def build_image_batches(args, num_replicas: int = 1, rank: int = 0):
-    """The batch stream of a run: an object that iterates batches forever and has `state_dict`/`load_state_dict`.
-
-    Also returns the `BucketedImageDataset` (None when streaming), whose `num_unreadable` counts skipped files.
-    """
+    """The batch stream of a run: an object that iterates batches forever and has `state_dict`/`load_state_dict`
+    (and `len`, batches per epoch on this process, unless streaming). Also returns the `BucketedImageDataset` (None
+    when streaming or for the metadata JSON), whose `num_unreadable` counts skipped files."""
+    from .metadata import MetadataBatches
     from .shapes import ShapesDataset
 
-    buckets = AspectRatioBuckets(args.min_resolution, args.max_resolution, args.bucket_multiple)
-    flip_p = args.random_flip
-    if args.dataset_name and args.streaming:
-        stream = load_image_caption_dataset(
-            args.dataset_name, args.image_column, args.caption_column, args.dataset_split, True,
-            args.dataset_config_name, args.cache_dir,
-        )
-        batches = StreamingBucketBatches(
-            stream, buckets, args.train_batch_size, args.image_column, args.caption_column, args.seed, num_replicas,
-            rank, args.shuffle_buffer, args.caption_dropout, not args.center_crop, flip_p,
+    flip_p = args.flip_probability if args.random_flip else 0.0
+    if args.metadata_json:
+        batches = MetadataBatches(
+            args.metadata_json, args.train_batch_size, args.seed, args.caption_dropout, flip_p, args.bucket_area,
+            args.min_bucket_area, args.bucket_step, args.max_tag_dropout, args.min_tags, num_replicas, rank,
         )
         return batches, None
-    if args.train_data_dir:
-        source = ImageCaptionFolder(args.train_data_dir)
-    elif args.dataset_name:
-        source = load_image_caption_dataset(
-            args.dataset_name, args.image_column, args.caption_column, args.dataset_split, False,
-            args.dataset_config_name, args.cache_dir,
-        )
-    elif args.shapes_dataset_size:
+    buckets = AspectRatioBuckets(args.min_resolution, args.max_resolution, args.bucket_multiple)
+    if args.shapes_dataset_size:
         source = ShapesDataset(args.shapes_dataset_size, size=args.min_resolution, seed=args.seed)
+    elif args.dataset_name or args.train_data_dir:
+        argument = "dataset_name" if args.dataset_name else "train_data_dir"
+        name = getattr(args, argument)
+        if argument == "train_data_dir" and not Path(name).is_dir():
+            raise ValueError(f"train_data_dir={name!r} is not a directory.")
+        source = load_image_caption_dataset(
+            name, args.image_column, args.caption_column, args.dataset_split, args.streaming,
+            args.dataset_config_name, args.cache_dir, argument,
+        )
+        if args.streaming:
+            batches = StreamingBucketBatches(
+                source, buckets, args.train_batch_size, args.image_column, args.caption_column, args.seed,
+                num_replicas, rank, args.shuffle_buffer, args.caption_dropout, not args.center_crop, flip_p,
+                name=f"{argument}={name!r}",
+            )
+            return batches, None
     else:
-        raise ValueError("Give one data source: --train_data_dir, --dataset_name or --shapes_dataset_size.")
+        raise ValueError(
+            "Give one data source: --dataset_name, --train_data_dir, --metadata_json or --shapes_dataset_size."
+        )
     dataset = BucketedImageDataset(source, buckets, args.seed, args.caption_dropout, not args.center_crop, flip_p)
     sampler = BucketBatchSampler(dataset.bucket_ids, args.train_batch_size, args.seed, num_replicas, rank)
     return SampledBatches(dataset, sampler, args.dataloader_num_workers), dataset
@@ -504,6 +589,9 @@ class SampledBatches:
         for batch in loader:
             next(position)  # the sampler's state follows the batches handed out, not the ones prefetched
             yield batch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

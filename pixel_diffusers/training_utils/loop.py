@@ -14,6 +14,7 @@ from .checkpointing import CheckpointManager, TrainingState
 from . import shapes
 from .config import SAVE_DTYPES, log_sample_grid, push_checkpoint, step_generator, training_config_yaml
 from .optim import AdaptiveGradClip, LossSpikeGuard, run_with_oom_retry
+from .progress import TrainingProgress
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def train_loop(
     ema_params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
     stream = iter(batches)
     logger.info("Training from step %d to %d on %d process(es).", state.step, args.max_train_steps, processes)
+    progress = TrainingProgress(accelerator, args.max_train_steps, state, args.disable_progress_bar)
     while state.step < args.max_train_steps:
         if guard is not None:
             guard.maybe_snapshot(state.step)
@@ -134,16 +136,17 @@ def train_loop(
         logs = {name: torch.stack([r[name] for r in results]).mean().item() for name in results[0] if name != "images"}
         logs |= {"grad_norm": grad_norm, "lr": lr_scheduler.get_last_lr()[0], "skipped_files": state.skipped_files}
         accelerator.log(logs, step=state.step)
-        if state.step % 10 == 0 or state.step == 1:
-            logger.info("step %d: %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        progress.update(state.step, state.images_seen, logs)
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
             path = checkpoints.save(accelerator, state.step)
             if args.push_checkpoints_to_hub and accelerator.is_main_process:
                 push_checkpoint(args, path)
-        if validate is not None and args.validation_steps and state.step % args.validation_steps == 0:
+        validation_steps = getattr(args, "validation_steps", None)
+        if validate is not None and validation_steps and state.step % validation_steps == 0:
             if accelerator.is_main_process:
                 validate(state.step)
             accelerator.wait_for_everyone()
+    progress.close(state.step)
 
 
 def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None, save_lora, card_fields=None) -> Path:
@@ -156,11 +159,12 @@ def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None
     if ema is not None:
         ema.copy_to([p for p in model.parameters() if p.requires_grad])
     setattr(pipe, component, model.eval())
+    lora = getattr(args, "lora_rank", 0)
     card = {"training_config": training_config_yaml(args), **(card_fields or {})}
     if grid is not None:
         card["sample_grid"] = "samples.png"
-    folder = Path(args.output_dir) / ("lora" if args.lora_rank else "pipeline")
-    if args.lora_rank:
+    folder = Path(args.output_dir) / ("lora" if lora else "pipeline")
+    if lora:
         save_lora(folder, model)
     else:
         pipe.to(dtype=SAVE_DTYPES[args.save_precision])
@@ -169,7 +173,7 @@ def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None
         shutil.copy(grid, folder / "samples.png")
     if args.push_to_hub:
         private = args.hub_private_repo or None
-        if args.lora_rank:
+        if lora:
             pipe._upload(str(folder), args.hub_model_id, args.hub_token, private, model_card_kwargs=card)
         else:
             pipe.save_pretrained(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TIME_SAMPLING = ("logit_normal", "uniform")
+# diffusers' `--weighting_scheme` values: logit_normal and mode shape the draw of noise levels, sigma_sqrt and cosmap
+# weight the loss per sample (their draw is uniform), none is uniform and unweighted.
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "none", "sigma_sqrt")
 
 # The JPEG standard's quality-50 quantisation tables (ITU-T T.81, Annex K), luma then chroma.
 _JPEG_Q50_LUMA = (
@@ -32,26 +35,35 @@ def sample_flow_sigmas(
     logit_std: float = 1.0,
     t_eps: float = 0.05,
     device: torch.device | str = "cpu",
+    mode_scale: float = 1.29,
 ) -> torch.Tensor:
-    """Per-sample noise levels sigma (1 = pure noise) for flow-matching training.
+    """Per-sample noise levels sigma (1 = pure noise) for flow-matching training, as diffusers' scripts draw them.
 
-    A draw u in (0, 1) (logit-normal via diffusers' `compute_density_for_timestep_sampling`, or uniform) is squashed
-    into [t_eps, 1 - t_eps]; PixelHDM's "t" (1 = clean) is that value and sigma = 1 - t.
+    diffusers' `compute_density_for_timestep_sampling(scheme, ...)` gives u in (0, 1), which diffusers turns into the
+    timestep index u * 1000 of a descending schedule, i.e. u = 1 - sigma: `logit_mean` is the mean of logit(1 - sigma)
+    (a negative mean favours noisy samples). u is squashed into [t_eps, 1 - t_eps]; sigma = 1 - u.
     """
-    if scheme not in TIME_SAMPLING:
-        raise ValueError(f"time_sampling={scheme!r} is not supported; allowed values: {TIME_SAMPLING}.")
+    if scheme not in WEIGHTING_SCHEMES:
+        raise ValueError(f"weighting_scheme={scheme!r} is not supported; allowed values: {WEIGHTING_SCHEMES}.")
     if not 0.0 <= t_eps < 0.5:
         raise ValueError(f"t_eps must be in [0, 0.5), got {t_eps}.")
-    if scheme == "uniform":
-        u = torch.rand(batch_size, generator=generator, device=device)
-    else:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
+    from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        u = compute_density_for_timestep_sampling(
-            "logit_normal", batch_size, logit_mean=logit_mean, logit_std=logit_std, device=device, generator=generator
-        )
+    u = compute_density_for_timestep_sampling(
+        scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, device=device,
+        generator=generator,
+    )
     t = t_eps + (1.0 - 2.0 * t_eps) * u
     return 1.0 - t
+
+
+def flow_loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights of `scheme` (diffusers' `compute_loss_weighting_for_sd3`; ones unless sigma_sqrt or
+    cosmap). sigma is floored at 1/1000, the smallest noise level of diffusers' 1000-step table, so that sigma_sqrt's
+    sigma^-2 stays finite."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(scheme, sigmas.clamp(min=1e-3)).to(sigmas.dtype)
 
 
 def _jpeg_weights(table, quality: int) -> torch.Tensor:
@@ -157,3 +169,28 @@ class REPALoss(nn.Module):
         projected = projected.flatten(2).transpose(1, 2).float()
         target = (features - features.mean(dim=1, keepdim=True)) / (features.std(dim=1, keepdim=True) + 1e-6)
         return self.weight * (1 - F.cosine_similarity(projected, target, dim=-1)).mean()
+
+
+def build_lpips(weights_path: str | None, device) -> nn.Module:
+    """Frozen LPIPS(VGG) whose VGG16 weights come from a local torchvision state dict; never downloads."""
+    try:
+        import lpips
+    except ImportError as error:
+        raise ValueError("--lpips_weight > 0 needs the `lpips` package (pip install lpips torchvision).") from error
+    if not weights_path or not Path(weights_path).is_file():
+        raise ValueError(
+            f"--lpips_weight > 0 needs --lpips_vgg_weights, a local torchvision VGG16 state dict (vgg16-397923af.pth); "
+            f"got {weights_path!r}. Nothing is downloaded."
+        )
+    model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # linear heads ship with the package
+    vgg = torch.load(weights_path, map_location="cpu", weights_only=True)
+    # lpips splits VGG16's `features` into five slices that keep torchvision's layer indices.
+    bounds = ((1, 0, 4), (2, 4, 9), (3, 9, 16), (4, 16, 23), (5, 23, 30))
+    mapped = {}
+    for key, value in vgg.items():
+        if key.startswith("features."):
+            index = int(key.split(".")[1])
+            part = next(s for s, low, high in bounds if low <= index < high)
+            mapped[f"slice{part}.{key[len('features.'):]}"] = value
+    model.net.load_state_dict(mapped, strict=True)
+    return model.requires_grad_(False).eval().to(device)

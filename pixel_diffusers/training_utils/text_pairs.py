@@ -1,8 +1,16 @@
-"""Prompt / answer pairs for PixelDLM: a synthetic addition set and the exact-match score of a pipeline on pairs."""
+"""PixelDLM's data: text items read from upstream's formats, their resumable token-image batches, a synthetic addition
+set and the exact-match score of a pipeline on prompt / answer pairs."""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from pathlib import Path
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def addition_pairs(first: range = range(10, 18), second: range = range(20, 28)) -> list[dict]:
@@ -44,3 +52,75 @@ def exact_match(
     """Fraction of `items` whose answer `pipe` writes exactly (see `answer_pairs`)."""
     hits, _ = answer_pairs(pipe, items, num_inference_steps, guidance_scale, seed)
     return sum(hits) / len(hits)
+
+
+def read_text_items(path: str | Path) -> tuple[list[dict], int]:
+    """PixelDLM items `{"prompt": str | None, "answer": str}` from upstream's formats, and the number of unreadable
+    files and items: a JSON list (or JSONL) of `{"text"}` (unconditional) or `{"prompt", "answer"}` items, a `.txt`
+    file with one text per line, or a folder of such files."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".txt")) if path.is_dir() else [path]
+    items, skipped = [], 0
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+            if file.suffix == ".txt":
+                raw = [{"text": line} for line in text.splitlines() if line.strip()]
+            elif file.suffix == ".jsonl":
+                raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                raw = json.loads(text)
+                raw = raw if isinstance(raw, list) else [raw]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            logger.warning("skipping unreadable %s: %s", file, error)
+            skipped += 1
+            continue
+        for item in raw:
+            if isinstance(item, dict) and isinstance(item.get("answer"), str) and isinstance(item.get("prompt"), str):
+                items.append({"prompt": item["prompt"], "answer": item["answer"]})
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                items.append({"prompt": None, "answer": item["text"]})
+            else:
+                skipped += 1
+    if not items:
+        raise ValueError(f"data={str(path)!r} holds no {{'text'}} or {{'prompt', 'answer'}} items.")
+    return items, skipped
+
+
+class TextItemBatches:
+    """Endless, resumable batches of PixelDLM items as token images (`codec.encode_text`, truncated): the answer is
+    `pixel_values` (with its `text_mask`), the prompt the `condition` (`has_prompt` False for plain texts).
+
+    Item `i` of the whole stream is `order[i % n]` of epoch `i // n`, whose order is a permutation seeded by
+    (seed, epoch); process `rank` takes every `num_replicas`-th. `num_unreadable` counts items left out when reading.
+    """
+
+    def __init__(self, items, codec, tokenizer, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 num_unreadable: int = 0):
+        self.items, self.codec, self.tokenizer = items, codec, tokenizer
+        self.batch_size, self.seed, self.num_replicas, self.rank = batch_size, seed, num_replicas, rank
+        self.num_unreadable, self.position = num_unreadable, 0
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(len(self.items) / (self.batch_size * self.num_replicas)))
+
+    def __iter__(self):
+        while True:
+            indices = []
+            for _ in range(self.batch_size):
+                epoch, offset = divmod(self.position * self.num_replicas + self.rank, len(self.items))
+                generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+                indices.append(int(torch.randperm(len(self.items), generator=generator)[offset]))
+                self.position += 1
+            chunk = [self.items[i] for i in indices]
+            target, mask = self.codec.encode_text(self.tokenizer, [item["answer"] for item in chunk], truncate=True)
+            condition, _ = self.codec.encode_text(self.tokenizer, [item["prompt"] or "" for item in chunk], truncate=True)
+            has_prompt = torch.tensor([item["prompt"] is not None for item in chunk])
+            yield {"pixel_values": target, "text_mask": mask, "condition": condition, "has_prompt": has_prompt,
+                   "num_skipped": 0}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
