@@ -204,6 +204,10 @@ def test_empty_or_unreadable_sources_are_errors_naming_them(tmp_path):
         build_image_batches(make_args(tmp_path, "--train_data_dir", tmp_path / "empty"))
     with pytest.raises(ValueError, match="missing"):
         build_image_batches(make_args(tmp_path, "--train_data_dir", tmp_path / "missing"))
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "a.png").write_text("not an image")
+    with pytest.raises(ValueError, match="train_data_dir=.*unreadable.*none of its 1 images"):
+        build_image_batches(make_args(tmp_path, "--train_data_dir", tmp_path / "unreadable"))
     (tmp_path / "zero").mkdir()
     _hf_dataset().select([]).to_parquet(str(tmp_path / "zero" / "train.parquet"))
     with pytest.raises(ValueError, match="dataset_name=.*zero"):

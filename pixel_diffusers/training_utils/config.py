@@ -25,8 +25,9 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.Argume
     """Arguments every training script takes (diffusers' names): run, optimisation, checkpoints, EMA, logging, the Hub.
 
     Scripts add what they use on top: `add_validation_args`, `add_lora_args`, `add_weighting_args`,
-    `data.add_image_data_args`; a flag a script does not use is not accepted.
+    `data.add_image_data_args`; a flag a script does not use is not accepted, nor is an abbreviation of one.
     """
+    parser.allow_abbrev = False
     run = parser.add_argument_group("run")
     run.add_argument("--config", type=str, default=None, help="YAML file of argument values; the command line wins.")
     run.add_argument("--output_dir", type=str, required=True)

@@ -541,6 +541,7 @@ def build_image_batches(args, num_replicas: int = 1, rank: int = 0):
         )
         return batches, None
     buckets = AspectRatioBuckets(args.min_resolution, args.max_resolution, args.bucket_multiple)
+    argument, name = "shapes_dataset_size", args.shapes_dataset_size
     if args.shapes_dataset_size:
         source = ShapesDataset(args.shapes_dataset_size, size=args.min_resolution, seed=args.seed)
     elif args.dataset_name or args.train_data_dir:
@@ -564,6 +565,8 @@ def build_image_batches(args, num_replicas: int = 1, rank: int = 0):
             "Give one data source: --dataset_name, --train_data_dir, --metadata_json or --shapes_dataset_size."
         )
     dataset = BucketedImageDataset(source, buckets, args.seed, args.caption_dropout, not args.center_crop, flip_p)
+    if dataset.num_unreadable == len(dataset):
+        raise ValueError(f"{argument}={name!r}: none of its {len(dataset)} images is readable.")
     sampler = BucketBatchSampler(dataset.bucket_ids, args.train_batch_size, args.seed, num_replicas, rank)
     return SampledBatches(dataset, sampler, args.dataloader_num_workers), dataset
 
