@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +58,21 @@ def test_jit_training_runs_and_saves_a_pipeline(tmp_path):
     pipe = JiTPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.transformer.config.num_classes >= 2 and pipe.transformer.config.id2label
     assert (tmp_path / "checkpoint-2").is_dir() and (tmp_path / "pipeline" / "samples.png").exists()
+
+
+def test_jit_trains_on_a_folder_of_class_subfolders(tmp_path):
+    from PIL import Image
+
+    for i in range(8):
+        folder = tmp_path / "data" / f"class_{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (200 * (i % 2), 50, 100)).save(folder / f"{i}.png")
+    script = load_script("train_jit")
+    common = ["--transformer_config", json.dumps(TINY_JIT), "--resolution", "16", "--train_batch_size", "4",
+              "--report_to", "none", "--validation_num_inference_steps", "2", "--disable_progress_bar"]
+    with pytest.raises(ValueError, match="--class_column"):
+        script.main(["--train_data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "none"), *common])
+    state = script.main(["--train_data_dir", str(tmp_path / "data"), "--class_column", "label", "--num_classes", "2",
+                         "--num_train_epochs", "2", "--output_dir", str(tmp_path / "out"), *common])
+    assert state.step == 4  # 8 images / batch 4 = 2 steps per epoch, 2 epochs
+    assert (tmp_path / "out" / "pipeline" / "model_index.json").exists()

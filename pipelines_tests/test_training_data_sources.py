@@ -263,3 +263,22 @@ def test_source_classification_and_brace_patterns(tmp_path):
     path = write_source("webdataset_braces", tmp_path / "wds")
     kind, files = classify_source(path)
     assert kind == "webdataset" and len(files) == 2
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+def test_class_labels_come_from_a_column_or_class_subfolders(tmp_path, streaming):
+    for i in range(COUNT):
+        folder = tmp_path / "data" / ("cat" if i % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.png").write_bytes(_png(i))
+    args = make_args(tmp_path, "--train_data_dir", tmp_path / "data", "--resolution", 32,
+                     *(["--streaming"] if streaming else []), resolution=False)
+    args.class_column = "label"  # what train_jit.py's --class_column sets
+    batches, _ = build_image_batches(args)
+    iterator = iter(batches)
+    batches = [next(iterator) for _ in range(COUNT // 2)]
+    labels = torch.cat([b["class_labels"] for b in batches]).tolist()
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1] and {c for b in batches for c in b["captions"]} == {""}
+    args.class_column = "species"
+    with pytest.raises(ValueError, match="class_column='species'"):
+        build_image_batches(args)

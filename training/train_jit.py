@@ -10,8 +10,9 @@ The objective is JiT's (paper Sec. 3-4, official `denoiser.py`): time `t = sigmo
 P_mean / P_std in diffusers' flags, whose other schemes work too), `z = t x + (1 - t) e` with `e ~ N(0, s^2)` (`s`: the transformer's `noise_scale`, JiT's rule
 size / 256 by default), the network predicts x and the loss is the velocity MSE
 `|(x_pred - z) / max(1 - t, t_eps) - (x - z) / max(1 - t, t_eps)|^2`; labels are replaced by the null class with
-probability `--label_dropout` for classifier-free guidance. Items must carry a `class_label` (the shapes
-set does: `(shape, colour)` classes, named in the saved config's `id2label`). Paper recipe: AdamW betas (0.9, 0.95),
+probability `--label_dropout` for classifier-free guidance. Classes come from the shapes set (`(shape, colour)`
+classes, named in the saved config's `id2label`) or from the dataset's `--class_column` (e.g. `label` of a folder of
+class subfolders; give `--num_classes`). Paper recipe: AdamW betas (0.9, 0.95),
 no weight decay, lr 5e-5 * batch / 256 with 5 warm-up epochs, EMA 0.9999.
 """
 
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", choices=[k for k in JIT_PRESETS if k.startswith("JiT")], default="JiT-B/16")
     model.add_argument("--transformer_config", type=json.loads, default=None, help="JSON overrides of the preset.")
     model.add_argument("--num_classes", type=int, default=None, help="Defaults to the shapes set's class count.")
+    model.add_argument("--class_column", type=str, default=None,
+                       help='Integer class column of the dataset, e.g. "label" (a folder of class subfolders).')
     loss = parser.add_argument_group("loss")
     loss.add_argument("--t_eps", type=float, default=0.05, help="Floor of 1 - t in the velocity's denominator.")
     loss.add_argument("--label_dropout", type=float, default=0.1)
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None):
     args = parse_args(build_parser(), argv)
     if not 0.0 <= args.label_dropout <= 1.0:
         raise ValueError(f"--label_dropout must lie in [0, 1], got {args.label_dropout}.")
+    if not args.shapes_dataset_size and args.class_column is None:
+        raise ValueError("JiT trains on class labels: give --class_column (e.g. label) or --shapes_dataset_size.")
     accelerator = make_accelerator(args, "train_jit")
     device = accelerator.device
     set_seed(args.seed)  # the initial weights depend on the seed only
@@ -135,8 +140,6 @@ def main(argv: list[str] | None = None):
     transformer, model, ema = run.model, run.unwrapped, run.ema
 
     def micro_step(batch, generator) -> dict:
-        if "class_labels" not in batch:
-            raise ValueError("JiT trains on class labels: the data items must carry a `class_label`.")
         x = batch["pixel_values"].to(device)
         labels = batch["class_labels"].to(device)
         drop = (torch.rand(len(x), generator=generator) < args.label_dropout).to(device)

@@ -70,15 +70,16 @@ class HFImageCaptionSource:
     "txt" or "prompt")."""
 
     def __init__(self, dataset, image_column: str | None = None, caption_column: str | None = None,
-                 name: str = "the dataset"):
+                 name: str = "the dataset", class_column: str | None = None):
         from datasets import Image as ImageFeature
 
-        image_column, caption_column = resolve_columns(
-            dataset.column_names, dataset.features, image_column, caption_column, name
+        image_column, caption_column, class_column = resolve_columns(
+            dataset.column_names, dataset.features, image_column, caption_column, name, class_column
         )
         self.dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         self.image_column = image_column
         self.caption_column = caption_column
+        self.class_column = class_column
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -97,7 +98,9 @@ class HFImageCaptionSource:
         row = self.dataset[index]
         item = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column)}
         item["image"] = _open_encoded(row[self.image_column]).convert("RGB")
-        item["caption"] = str(row[self.caption_column] or "")
+        item["caption"] = str(row[self.caption_column] or "") if self.caption_column else ""
+        if self.class_column:
+            item["class_label"] = int(row[self.class_column])
         return item
 
 
@@ -118,19 +121,24 @@ def load_image_caption_dataset(
     config_name: str | None = None,
     cache_dir: str | None = None,
     argument: str = "dataset_name",
+    class_column: str | None = None,
 ):
     """Any source `sources.open_image_source` recognises (a Hub name, an imagefolder, a `save_to_disk` folder, parquet,
-    webdataset shards, a caption folder), by name or path; `argument` names the flag in errors.
+    webdataset shards, a caption folder), by name or path; `argument` names the flag in errors. With `class_column`
+    items carry its integer `class_label` (a folder without metadata then labels images by subfolder: `label`).
 
     Returns a map-style source (`HFImageCaptionSource`, or `ImageCaptionFolder` for a caption folder) or, with
     `streaming=True`, the `datasets.IterableDataset` to give to `StreamingBucketBatches`.
     """
-    dataset = open_image_source(name_or_path, split, streaming, config_name, cache_dir, argument)
+    dataset = open_image_source(
+        name_or_path, split, streaming, config_name, cache_dir, argument, labelled_folders=class_column is not None
+    )
     if streaming:
         return dataset
     if dataset is None:
         return ImageCaptionFolder(name_or_path)
-    return HFImageCaptionSource(dataset, image_column, caption_column, name=f"{argument}={name_or_path!r}")
+    named = f"{argument}={name_or_path!r}"
+    return HFImageCaptionSource(dataset, image_column, caption_column, name=named, class_column=class_column)
 
 
 class AspectRatioBuckets:
@@ -386,6 +394,7 @@ class StreamingBucketBatches:
         random_crop: bool = True,
         flip_p: float = 0.5,
         name: str = "the streamed dataset",
+        class_column: str | None = None,
     ):
         from datasets import Image as ImageFeature
 
@@ -393,12 +402,14 @@ class StreamingBucketBatches:
         if dataset.features is None and first is None:
             raise ValueError(f"{name} is empty: the stream has no row.")
         columns = list(dataset.features) if dataset.features is not None else list(first)
-        image_column, caption_column = resolve_columns(columns, dataset.features, image_column, caption_column, name)
+        image_column, caption_column, class_column = resolve_columns(
+            columns, dataset.features, image_column, caption_column, name, class_column
+        )
         if dataset.features is not None and isinstance(dataset.features.get(image_column), ImageFeature):
             dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         self.dataset, self.num_replicas, self.rank, self.name = dataset, num_replicas, rank, name
         self.buckets, self.batch_size, self.seed = buckets, batch_size, seed
-        self.image_column, self.caption_column = image_column, caption_column
+        self.image_column, self.caption_column, self.class_column = image_column, caption_column, class_column
         self.shuffle_buffer, self.caption_dropout = shuffle_buffer, caption_dropout
         self.random_crop, self.flip_p = random_crop, flip_p
         self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
@@ -410,8 +421,11 @@ class StreamingBucketBatches:
         bucket = self.buckets.assign(image.height, image.width)
         height, width = self.buckets.sizes[bucket]
         pixels = preprocess_image(image, height, width, self.random_crop, self.flip_p, rng)
-        caption = "" if rng.random() < self.caption_dropout else str(row.get(self.caption_column) or "")
-        return bucket, {"pixel_values": pixels, "caption": caption, "position": position}
+        caption = str(row.get(self.caption_column) or "") if self.caption_column else ""
+        item = {"pixel_values": pixels, "caption": "" if rng.random() < self.caption_dropout else caption}
+        if self.class_column:
+            item["class_label"] = int(row[self.class_column])
+        return bucket, item | {"position": position}
 
     def _epoch_stream(self, epoch: int):
         from datasets.distributed import split_dataset_by_node
@@ -534,6 +548,10 @@ def build_image_batches(args, num_replicas: int = 1, rank: int = 0):
     from .shapes import ShapesDataset
 
     flip_p = args.flip_probability if args.random_flip else 0.0
+    class_column = getattr(args, "class_column", None)  # class-conditional scripts (JiT) add --class_column
+    if class_column is not None and not (args.dataset_name or args.train_data_dir):
+        raise ValueError("--class_column reads a column of --dataset_name / --train_data_dir; the shapes set carries "
+                         "its own classes and the metadata JSON has none.")
     if args.metadata_json:
         batches = MetadataBatches(
             args.metadata_json, args.train_batch_size, args.seed, args.caption_dropout, flip_p, args.bucket_area,
@@ -551,13 +569,13 @@ def build_image_batches(args, num_replicas: int = 1, rank: int = 0):
             raise ValueError(f"train_data_dir={name!r} is not a directory.")
         source = load_image_caption_dataset(
             name, args.image_column, args.caption_column, args.dataset_split, args.streaming,
-            args.dataset_config_name, args.cache_dir, argument,
+            args.dataset_config_name, args.cache_dir, argument, class_column,
         )
         if args.streaming:
             batches = StreamingBucketBatches(
                 source, buckets, args.train_batch_size, args.image_column, args.caption_column, args.seed,
                 num_replicas, rank, args.shuffle_buffer, args.caption_dropout, not args.center_crop, flip_p,
-                name=f"{argument}={name!r}",
+                name=f"{argument}={name!r}", class_column=class_column,
             )
             return batches, None
     else:

@@ -95,13 +95,17 @@ def open_image_source(
     config_name: str | None = None,
     cache_dir: str | None = None,
     argument: str = "dataset_name",
+    labelled_folders: bool = False,
 ):
     """The source as a `datasets.Dataset` (map-style) or `IterableDataset` (`streaming=True`), or, for a caption
-    folder read map-style, None (the caller reads it with `ImageCaptionFolder`). `argument` names the flag in errors."""
+    folder read map-style, None (the caller reads it with `ImageCaptionFolder`). `argument` names the flag in errors.
+    With `labelled_folders` a folder of images without metadata is an `imagefolder` (class `label`s from subfolders)."""
     import datasets
 
     named = f"{argument}={name_or_path!r}"
     kind, target = classify_source(name_or_path)
+    if kind == "caption_folder" and labelled_folders:
+        kind = "imagefolder"
     try:
         if kind == "saved":
             dataset = datasets.load_from_disk(target)
@@ -142,9 +146,11 @@ def open_image_source(
     return dataset
 
 
-def resolve_columns(columns, features, image_column: str | None, caption_column: str | None, named: str):
-    """(image column, caption column). Unset, the image column is "image" or else the first column of `Image` type
-    (webdataset's `jpg`, `png`, ...), and the caption column the first of `CAPTION_COLUMNS` present."""
+def resolve_columns(columns, features, image_column: str | None, caption_column: str | None, named: str,
+                    class_column: str | None = None):
+    """(image column, caption column, class column). Unset, the image column is "image" or else the first column of
+    `Image` type (webdataset's `jpg`, `png`, ...), and the caption column the first of `CAPTION_COLUMNS` present; with
+    a `class_column` (class-conditional training) a missing caption column is None."""
     from datasets import Image as ImageFeature
 
     columns = list(columns)
@@ -155,10 +161,11 @@ def resolve_columns(columns, features, image_column: str | None, caption_column:
             raise ValueError(f"{named} has no image column; columns: {columns}. Pass --image_column.")
     if caption_column is None:
         caption_column = next((c for c in CAPTION_COLUMNS if c in columns), None)
-        if caption_column is None:
+        if caption_column is None and class_column is None:
             raise ValueError(f"{named} has none of the caption columns {CAPTION_COLUMNS}; columns: {columns}. "
                              "Pass --caption_column.")
-    for flag, column in (("image_column", image_column), ("caption_column", caption_column)):
-        if column not in columns:
+    for flag, column in (("image_column", image_column), ("caption_column", caption_column),
+                         ("class_column", class_column)):
+        if column is not None and column not in columns:
             raise ValueError(f"{flag}={column!r} is not a column of {named}; columns: {columns}.")
-    return image_column, caption_column
+    return image_column, caption_column, class_column
