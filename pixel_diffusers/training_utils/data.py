@@ -289,7 +289,6 @@ class BucketBatchSampler(EpochPosition):
             self.batches_done = 0
 
 
-
 def preprocess_image(
     image: Image.Image, height: int, width: int, random_crop: bool, flip_p: float, generator: np.random.Generator
 ) -> torch.Tensor:
