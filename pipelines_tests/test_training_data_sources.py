@@ -263,6 +263,17 @@ def test_source_classification_and_brace_patterns(tmp_path):
     path = write_source("webdataset_braces", tmp_path / "wds")
     kind, files = classify_source(path)
     assert kind == "webdataset" and len(files) == 2
+    assert classify_source(str(tmp_path / "wds")) == ("webdataset", str(tmp_path / "wds"))
+
+
+def test_a_parquet_folder_keeps_its_splits(tmp_path):
+    (tmp_path / "data").mkdir()
+    dataset = _hf_dataset()
+    dataset.select(range(4)).to_parquet(str(tmp_path / "data" / "train-00000.parquet"))
+    dataset.select(range(4, 6)).to_parquet(str(tmp_path / "data" / "test-00000.parquet"))
+    args = make_args(tmp_path, "--dataset_name", tmp_path / "data", "--dataset_split", "test")
+    batches, dataset = build_image_batches(args)
+    assert len(dataset) == 2 and sorted(next(iter(batches))["captions"]) == ["image 4", "image 5"]
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])

@@ -52,16 +52,16 @@ def _pattern_files(pattern: str) -> list[str]:
 
 
 def classify_source(name_or_path: str) -> tuple[str, object]:
-    """(kind, what to open): kind is "saved", "parquet", "webdataset", "imagefolder", "caption_folder" or "hub"."""
+    """(kind, what to open): kind is "saved", "parquet", "webdataset", "imagefolder", "caption_folder" or "hub";
+    what to open is a folder, a list of files (a file or pattern) or the Hub name."""
     path = Path(name_or_path)
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return "saved", str(path)
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         for kind, suffix in (("parquet", ".parquet"), ("webdataset", ".tar")):
-            found = [str(p) for p in files if p.suffix.lower() == suffix]
-            if found:
-                return kind, found
+            if any(p.suffix.lower() == suffix for p in files):
+                return kind, str(path)  # a folder: `datasets` finds the splits from the file names
         if any(p.name in _METADATA_FILES for p in files):
             return "imagefolder", str(path)
         return "caption_folder", str(path)
@@ -123,14 +123,9 @@ def open_image_source(
                 raise ValueError(f"{named} holds no image with extension in {IMAGE_EXTENSIONS}.")
             dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image(decode=False))
             dataset = dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset), 64)))
-        elif kind in ("parquet", "webdataset"):
-            dataset = datasets.load_dataset(
-                kind, data_files={split: target}, split=split, streaming=streaming, cache_dir=cache_dir
-            )
-        elif kind == "imagefolder":
-            dataset = datasets.load_dataset(
-                "imagefolder", data_dir=target, split=split, streaming=streaming, cache_dir=cache_dir
-            )
+        elif kind in ("parquet", "webdataset", "imagefolder"):
+            files = {"data_files": {split: target}} if isinstance(target, list) else {"data_dir": target}
+            dataset = datasets.load_dataset(kind, **files, split=split, streaming=streaming, cache_dir=cache_dir)
         else:
             dataset = datasets.load_dataset(
                 target, config_name, split=split, streaming=streaming, cache_dir=cache_dir
