@@ -11,12 +11,24 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from pixel_diffusers.schedulers import PixelFlowMatchScheduler, PixelFlowMatchSchedulerOutput
+from pixel_diffusers.schedulers.scheduling_pixel_flow import calibrate_time_grid
 
-SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_2s"]
+SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "unipc"]
 PREDICTION_TYPES = ["flow_prediction", "sample", "velocity", "epsilon"]
+GRIDS = {
+    "linear": {},
+    "karras": {"time_grid": "karras", "rho": 3.0},
+    "log_snr": {"time_grid": "log_snr"},
+    "calibrated": {"time_grid": "calibrated", "calibrated_sigmas": [0.9, 0.6, 0.2, 0.03]},
+}
 SHAPE = (2, 3, 8, 8)
 
 
@@ -82,11 +94,12 @@ def gaussian_error(solver, num_steps=None, sigmas=None, data=None):
 # ------------------------------------------------------------------------------------------- closed forms
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_point_mass_is_exact(solver, prediction_type):
+def test_point_mass_is_exact(solver, prediction_type, grid):
     c = torch.rand(SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    scheduler = PixelFlowMatchScheduler(solver=solver, prediction_type=prediction_type)
+    scheduler = PixelFlowMatchScheduler(solver=solver, prediction_type=prediction_type, **GRIDS[grid])
     scheduler.set_timesteps(6)
     x = noise()  # pure N(0, I), treated as the sample at sigma_max
     sigma0 = scheduler.sigmas[0].item()
@@ -110,6 +123,11 @@ def test_point_mass_from_sigma_one(solver):
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.1, 5))
     out = sample_loop(scheduler, noise(), lambda x, sigma: c)
     assert (out - c).abs().max().item() <= 1e-5
+    scheduler = PixelFlowMatchScheduler(solver=solver, sigma_max=1.0, sigma_min=0.002, time_grid="karras")
+    scheduler.set_timesteps(7)
+    assert scheduler.sigmas[0].item() == 1.0
+    out = sample_loop(scheduler, noise(), lambda x, sigma: c)
+    assert (out - c).abs().max().item() <= 1e-5
 
 
 def test_gaussian_second_order_solvers_beat_euler():
@@ -130,11 +148,20 @@ def test_gaussian_from_sigma_one_beats_euler():
         assert errors[solver] <= 0.3 * errors["euler"], solver
 
 
-@pytest.mark.parametrize("solver,rate", [("euler", 1.7), ("heun", 3.3), ("dpmpp_2m", 3.3), ("dpmpp_2s", 3.3)])
-def test_gaussian_convergence_order(solver, rate):
-    errors = [gaussian_error(solver, num_steps=n) for n in (10, 20, 40)]
-    print(solver, "errors at 10/20/40 steps:", errors)
-    assert errors[0] / errors[1] >= rate and errors[1] / errors[2] >= rate, errors
+@pytest.mark.parametrize(
+    "solver,order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2), ("dpmpp_2s", 2), ("dpmpp_3m", 2.6), ("unipc", 3)]
+)
+def test_gaussian_convergence_order(solver, order):
+    """Measured order log2(e_N / e_2N) on the default grid at N = 20 -> 40 -> 80, within 0.2 of nominal.
+
+    Measured: euler 1.02/1.01, heun 2.03/2.01, dpmpp_2m 2.06/2.07, dpmpp_2s 2.04/2.02, dpmpp_3m 2.69/2.53, unipc
+    2.85/2.81. dpmpp_3m is third order in its interior steps, but its first step is first order (no history yet, as
+    in diffusers), which caps the global order at 2 as N grows; 2.6 is what it shows over this range.
+    """
+    errors = [gaussian_error(solver, num_steps=n) for n in (20, 40, 80)]
+    rates = [math.log2(a / b) for a, b in zip(errors[:-1], errors[1:])]
+    print(solver, "errors at 20/40/80 steps:", errors, "orders:", rates)
+    assert all(abs(rate - order) <= 0.2 for rate in rates), rates
 
 
 # ------------------------------------------------------------------------------------------- diffusers
@@ -197,16 +224,101 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_plus_plus(sigmas):
         use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="dpmsolver++", solver_order=2
     )
     ref.set_timesteps(len(sigmas))
+    run_against(ours, ref, 5e-6)
+
+
+def run_against(ours, ref, tolerance):
+    """Steps ours and a diffusers scheduler (moved onto our sigmas) side by side on the Gaussian oracle."""
     ref.sigmas, ref.timesteps = ours.sigmas.clone(), ours.timesteps.clone()  # it takes no `sigmas` argument
     ref.set_begin_index(0)
-
     data = Gaussian()
     x = y = noise()
     for i, t in enumerate(ours.timesteps):
         sigma = ours.sigmas[i].item()
         x = ours.step(model_output("flow_prediction", x, sigma, data.denoise(x, sigma)), t, x).prev_sample
         y = ref.step(model_output("flow_prediction", y, sigma, data.denoise(y, sigma)), t, y).prev_sample
-        assert (x - y).abs().max().item() <= 5e-6
+        assert (x - y).abs().max().item() <= tolerance, i
+
+
+@pytest.mark.parametrize(
+    "grid,num_steps", [({}, 10), ({"time_grid": "karras", "rho": 3.0}, 14), ({"time_grid": "log_snr"}, 4)]
+)
+@pytest.mark.parametrize("solver", ["dpmpp_3m", "unipc"])
+def test_third_order_solvers_match_diffusers(solver, grid, num_steps):
+    """dpmpp_3m = DPMSolverMultistepScheduler(dpmsolver++, order 3), unipc = UniPCMultistepScheduler(bh2, order 3),
+    both with flow sigmas, on our grid. diffusers lowers the order of the second-to-last step only below 15 steps
+    (`lower_order_final`); we always do, so the grids here have fewer than 15 steps."""
+    ours = PixelFlowMatchScheduler(solver=solver, prediction_type="flow_prediction", **grid)
+    ours.set_timesteps(num_steps)
+    common = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "solver_order": 3}
+    if solver == "dpmpp_3m":
+        ref = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **common)
+    else:
+        ref = UniPCMultistepScheduler(solver_type="bh2", predict_x0=True, **common)
+    ref.set_timesteps(num_steps)
+    run_against(ours, ref, 2e-6)
+
+
+def test_multistep_order_ramps_up_and_down():
+    """Order 1 first, then 2, then 3; the last steps drop to the steps left (the jump into 0 is first order)."""
+    scheduler = PixelFlowMatchScheduler(solver="dpmpp_3m", prediction_type="sample")
+    scheduler.set_timesteps(6)
+    orders = []
+    x = noise()
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.zeros(SHAPE), t, x).prev_sample
+        orders.append(len(scheduler._last_step[1]))
+    assert orders == [1, 2, 3, 3, 2, 1]
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 10])
+def test_time_grids(num_steps):
+    u = np.linspace(0, 1, num_steps)
+
+    def grid(**config):
+        scheduler = PixelFlowMatchScheduler(solver="unipc", **config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler.sigmas[:-1].double().numpy()
+
+    karras = grid(time_grid="karras", rho=5.0, sigma_max=1.0, sigma_min=0.002)
+    np.testing.assert_allclose(karras, (1 + u * (0.002**0.2 - 1)) ** 5, rtol=1e-6)
+    np.testing.assert_allclose(grid(time_grid="karras", rho=1.0), grid(), rtol=1e-6)
+    log_snr = grid(time_grid="log_snr", sigma_max=0.9, sigma_min=0.01)
+    lam = np.log(1 - log_snr) - np.log(log_snr)
+    np.testing.assert_allclose(lam, np.log(1 / 9) + u * (np.log(99) - np.log(1 / 9)), atol=1e-5)
+    knots = [1.0, 0.5, 0.1, 0.01]
+    calibrated = grid(time_grid="calibrated", calibrated_sigmas=knots)
+    assert calibrated[0] == 1.0 and calibrated[-1] == pytest.approx(0.01 if num_steps > 1 else 1.0)
+    if num_steps == 10:  # every third point is a knot; between knots the grid is linear in log(sigma)
+        np.testing.assert_allclose(calibrated[::3], knots, rtol=1e-6)
+        np.testing.assert_allclose(calibrated[1:3], [0.5 ** (1 / 3), 0.5 ** (2 / 3)], rtol=1e-6)
+    np.testing.assert_allclose(grid(time_grid="karras", shift=3.0), 3 * (s := grid(time_grid="karras")) / (1 + 2 * s),
+                               rtol=1e-5)
+
+
+def test_calibrate_time_grid_beats_its_start_and_is_saved(tmp_path):
+    data = Gaussian()
+    start = PixelFlowMatchScheduler(solver="dpmpp_3m", prediction_type="velocity", sigma_max=1.0, sigma_min=0.01)
+    calibrated = calibrate_time_grid(start, data.denoise, noise(9), num_inference_steps=5, reference_steps=40,
+                                     sweeps=2)
+    assert calibrated.config.time_grid == "calibrated" and len(calibrated.config.calibrated_sigmas) == 5
+    assert calibrated.config.calibrated_sigmas[0] == 1.0 and calibrated.config.prediction_type == "velocity"
+
+    def error(scheduler):  # on other noise than the calibration's, against the exact ODE endpoint
+        scheduler.set_timesteps(5)
+        x = noise(3)
+        last = scheduler.sigmas[-2].item()
+        reference = data.mu + data.s * (x - 0 * data.mu)  # x0 = mu + s z from z at sigma 1
+        return (sample_loop(scheduler, x, data.denoise) - reference).pow(2).mean().sqrt().item(), last
+
+    before, _ = error(start)
+    after, _ = error(calibrated)
+    print("5-step errors before/after calibration:", before, after)
+    assert after < 0.7 * before
+    calibrated.save_pretrained(tmp_path)
+    loaded = PixelFlowMatchScheduler.from_pretrained(tmp_path)
+    assert loaded.config.calibrated_sigmas == calibrated.config.calibrated_sigmas
+    assert error(loaded)[0] == after
 
 
 def test_dpmpp_2s_midpoints_are_lambda_midpoints():
@@ -357,6 +469,13 @@ def test_config_round_trip(tmp_path):
         ({"sigma_max": 1.5}, "sigma_max"),
         ({"shift": 0.0}, "shift"),
         ({"num_train_timesteps": 0}, "num_train_timesteps"),
+        ({"time_grid": "cosine"}, "time_grid"),
+        ({"time_grid": "karras", "rho": 0.0}, "rho"),
+        ({"time_grid": "calibrated"}, "calibrated_sigmas"),
+        ({"calibrated_sigmas": [0.9, 0.1]}, "calibrated_sigmas"),
+        ({"time_grid": "calibrated", "calibrated_sigmas": [0.9]}, "calibrated_sigmas"),
+        ({"time_grid": "calibrated", "calibrated_sigmas": [0.5, 0.9]}, "calibrated_sigmas"),
+        ({"time_grid": "log_snr", "sigma_max": 1.0}, "sigma_max"),
     ],
 )
 def test_bad_config_raises(kwargs, name):

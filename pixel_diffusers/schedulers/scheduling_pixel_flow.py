@@ -12,7 +12,7 @@ treated as the sample at ``sigma_max`` (``init_noise_sigma = 1``). Upstream ``nu
 ``linspace(0.95, 0.05, N + 1)`` and stops there; ``sigmas=np.linspace(0.95, 0.05, N + 1)`` gives that grid here,
 followed by the final step into sigma 0 (N + 1 model calls with euler).
 
-Solvers (``solver``):
+Solvers (``solver``), NFE = model calls:
 
 - ``"euler"``: first order, one model call per sigma.
 - ``"heun"``: Heun's second-order method. As in diffusers' ``FlowMatchHeunDiscreteScheduler`` each interior sigma
@@ -21,6 +21,18 @@ Solvers (``solver``):
 - ``"dpmpp_2m"``: DPM-Solver++(2M), multistep, one model call per sigma.
 - ``"dpmpp_2s"``: DPM-Solver++(2S), single step with an extra model call at the midpoint in
   ``lambda = log(alpha / sigma)``; the midpoints are placed into ``timesteps``.
+- ``"dpmpp_3m"``: DPM-Solver++(3M), multistep, one model call per sigma (diffusers' ``DPMSolverMultistepScheduler``
+  with ``solver_order=3``).
+- ``"unipc"``: UniPC (B(h) = e^h - 1, "bh2") of order 3: a multistep predictor, then a corrector that reuses the next
+  model call, so still one model call per sigma (diffusers' ``UniPCMultistepScheduler``).
+
+Multistep solvers start at order 1 and raise the order as model calls accumulate; near the end the order is at most
+the number of steps left (the step into sigma 0 is first order), as diffusers' ``lower_order_final``.
+
+Time grids (``time_grid``), before any shift: ``"linear"`` in sigma from ``sigma_max`` to ``sigma_min``;
+``"karras"``, linear in ``sigma ** (1 / rho)`` (dense near ``sigma_min`` for large ``rho``); ``"log_snr"``, uniform
+in lambda; ``"calibrated"``, the knots ``calibrated_sigmas`` found by :func:`calibrate_time_grid` for one model,
+interpolated in ``log(sigma)`` for other step counts.
 
 The DPM-Solver++ solvers use ``alpha = 1 - sigma`` and the data-prediction (x0) update
 ``x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) D``. **Deliberate difference from upstream PixelHDM**: its
@@ -42,10 +54,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-SOLVERS = ("euler", "heun", "dpmpp_2m", "dpmpp_2s")
+SOLVERS = ("euler", "heun", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "unipc")
 PREDICTION_TYPES = ("flow_prediction", "sample", "velocity", "epsilon")
 TIME_SHIFT_TYPES = ("exponential", "linear")
-_SOLVER_ORDER = {"euler": 1, "heun": 2, "dpmpp_2m": 1, "dpmpp_2s": 2}
+TIME_GRIDS = ("linear", "karras", "log_snr", "calibrated")
+_SOLVER_ORDER = {"euler": 1, "heun": 2, "dpmpp_2m": 1, "dpmpp_2s": 2, "dpmpp_3m": 1, "unipc": 1}
+_MULTISTEP_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3}  # highest order of each multistep solver
 
 
 @dataclass
@@ -112,8 +126,80 @@ def _lambda_midpoint_sigma(sigma: float, sigma_next: float) -> float:
     return noise_mid / (noise_mid + signal_mid)
 
 
+def _karras(hi: float, lo: float, rho: float, u: np.ndarray) -> np.ndarray:
+    """Karras et al. (2022)'s grid: linear in sigma ** (1 / rho) from hi (u = 0) to lo (u = 1)."""
+    return (hi ** (1.0 / rho) + u * (lo ** (1.0 / rho) - hi ** (1.0 / rho))) ** rho
+
+
+def _dpmpp_multistep_step(
+    x: torch.Tensor, x0s: list, lams: list, sigma: float, sigma_next: float
+) -> torch.Tensor:
+    """DPM-Solver++ multistep update of order ``len(x0s)`` (1 to 3) in data prediction.
+
+    ``x0s[0]`` is the x0 estimate at ``sigma`` (lambda ``lams[0]``), ``x0s[1:]`` earlier ones, newest first. With
+    h = lambda' - lambda, r_k the earlier lambda gaps over h and D1, D2 the divided differences of x0 in lambda:
+    ``x' = (sigma'/sigma) x + alpha' [phi1 D0 + (1 - phi1/h) D1 - ((h - phi1)/h^2 - 1/2) D2]``, phi1 = 1 - e^-h
+    (2M uses the midpoint form ``phi1 (D0 + D1/2)``), as Lu et al. (2022) and diffusers.
+    """
+    if len(x0s) == 1:
+        return _data_prediction_step(x, x0s[0], sigma, sigma_next)
+    h = _log_snr(sigma_next) - lams[0]
+    phi1 = -math.expm1(-h)
+    ratio, alpha_next = sigma_next / sigma, 1.0 - sigma_next
+    r0 = (lams[0] - lams[1]) / h
+    d1_0 = (x0s[0] - x0s[1]) / r0
+    if len(x0s) == 2:
+        return ratio * x + alpha_next * phi1 * (x0s[0] + 0.5 * d1_0)
+    r1 = (lams[1] - lams[2]) / h
+    d1_1 = (x0s[1] - x0s[2]) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return (
+        ratio * x
+        + alpha_next * phi1 * x0s[0]
+        + alpha_next * (1.0 - phi1 / h) * d1
+        - alpha_next * ((h - phi1) / h**2 - 0.5) * d2
+    )
+
+
+def _unipc_step(
+    x: torch.Tensor, x0s: list, lams: list, sigma: float, sigma_next: float, x0_next: torch.Tensor | None = None
+) -> torch.Tensor:
+    """UniPC update (B(h) = e^-h - 1 in data prediction, "bh2") from ``sigma`` to ``sigma_next``.
+
+    ``x0s``/``lams`` as in :func:`_dpmpp_multistep_step`. Predictor (``x0_next`` None): order ``len(x0s)``, with the
+    earlier estimates as nodes r_k. Corrector (``x0_next``, the estimate at ``sigma_next`` from the model call made
+    there): one order more, node r = 1 added. The weights rho solve ``R rho = b`` with ``R[i, k] = r_k ** i`` and
+    ``b_i = i! phi_{i+1}(h) / B(h)`` (one node: rho = 1/2), as Zhao et al. (2023) and diffusers; then
+    ``x' = (sigma'/sigma) x + alpha' (1 - e^-h) D0 - alpha' B(h) sum_k rho_k (x0_k - D0) / r_k``.
+    """
+    h = _log_snr(sigma_next) - lams[0]
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    b_h = h_phi_1
+    nodes = [(lam - lams[0]) / h for lam in lams[1:]]
+    diffs = [(m - x0s[0]) / r for m, r in zip(x0s[1:], nodes)]
+    if x0_next is not None:
+        nodes.append(1.0)
+        diffs.append(x0_next - x0s[0])
+    out = (sigma_next / sigma) * x - (1.0 - sigma_next) * h_phi_1 * x0s[0]
+    if not nodes:
+        return out
+    if len(nodes) == 1:
+        rhos = [0.5]
+    else:
+        b, h_phi_k, factorial = [], h_phi_1 / hh - 1.0, 1
+        for i in range(1, len(nodes) + 1):
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1.0 / factorial
+        matrix = torch.tensor([[r**i for r in nodes] for i in range(len(nodes))], dtype=torch.float64)
+        rhos = torch.linalg.solve(matrix, torch.tensor(b, dtype=torch.float64)).tolist()
+    return out - (1.0 - sigma_next) * b_h * sum(rho * d for rho, d in zip(rhos, diffs))
+
+
 class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
-    """Flow-matching scheduler with Euler, Heun, DPM-Solver++(2M) and DPM-Solver++(2S) solvers.
+    """Flow-matching scheduler: Euler, Heun, DPM-Solver++(2M, 2S, 3M) and UniPC solvers on several time grids.
 
     See the module docstring for conventions and where this differs from upstream PixelHDM. Drop-in for diffusers'
     ``FlowMatchEulerDiscreteScheduler``: given the same ``sigmas`` (and ``mu``), ``solver="euler"`` with
@@ -122,12 +208,20 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
 
     Args:
         num_train_timesteps (`int`, defaults to 1000): timesteps are ``sigma * num_train_timesteps``.
-        solver (`str`, defaults to ``"euler"``): one of ``"euler"``, ``"heun"``, ``"dpmpp_2m"``, ``"dpmpp_2s"``.
+        solver (`str`, defaults to ``"euler"``): one of ``"euler"``, ``"heun"``, ``"dpmpp_2m"``, ``"dpmpp_2s"``,
+            ``"dpmpp_3m"``, ``"unipc"``.
         prediction_type (`str`, defaults to ``"velocity"``): what the model returns: ``"velocity"`` (x0 - noise,
             PixelHDM's native output), ``"flow_prediction"`` (noise - x0, diffusers' flow models), ``"sample"`` (x0) or
             ``"epsilon"`` (noise).
-        sigma_max (`float`, defaults to 0.95), sigma_min (`float`, defaults to 0.05): ends of the default linear
-            sigma grid (before shifting).
+        sigma_max (`float`, defaults to 0.95), sigma_min (`float`, defaults to 0.05): ends of the ``linear``,
+            ``karras`` and ``log_snr`` grids (before shifting).
+        time_grid (`str`, defaults to ``"linear"``): how ``set_timesteps(num_inference_steps)`` spaces the sigmas:
+            ``"linear"``, ``"karras"`` (see ``rho``), ``"log_snr"`` (needs ``sigma_max < 1``: lambda is -inf at 1) or
+            ``"calibrated"`` (see ``calibrated_sigmas``).
+        rho (`float`, defaults to 7.0): exponent of the ``karras`` grid ``(hi^(1/rho) + u (lo^(1/rho) -
+            hi^(1/rho)))^rho``, u uniform in [0, 1]; rho = 1 is the linear grid.
+        calibrated_sigmas (`list[float]`, *optional*): the ``calibrated`` grid's knots (decreasing, in (0, 1]), as
+            written by :func:`calibrate_time_grid`; ``save_pretrained`` keeps them.
         shift (`float`, defaults to 1.0): static shift ``shift * s / (1 + (shift - 1) * s)``.
         use_dynamic_shifting (`bool`, defaults to False): resolution-dependent shift; ``set_timesteps`` then needs
             ``mu`` (see ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``, which pipelines
@@ -154,6 +248,9 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
+        time_grid: str = "linear",
+        rho: float = 7.0,
+        calibrated_sigmas: list[float] | None = None,
     ):
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
@@ -161,6 +258,20 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         if time_shift_type not in TIME_SHIFT_TYPES:
             raise ValueError(f"`time_shift_type` must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}.")
+        if time_grid not in TIME_GRIDS:
+            raise ValueError(f"`time_grid` must be one of {TIME_GRIDS}, got {time_grid!r}.")
+        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+            raise ValueError(f"`rho` must be a finite number > 0, got {rho!r}.")
+        if (time_grid == "calibrated") != (calibrated_sigmas is not None):
+            raise ValueError(
+                "`calibrated_sigmas` must be given exactly when time_grid='calibrated' (got time_grid="
+                f"{time_grid!r}, calibrated_sigmas={calibrated_sigmas!r})."
+            )
+        if calibrated_sigmas is not None:
+            knots = np.asarray(calibrated_sigmas, dtype=np.float64)
+            if knots.ndim != 1 or knots.size < 2:
+                raise ValueError(f"`calibrated_sigmas` must list at least 2 sigmas, got {calibrated_sigmas!r}.")
+            self._check_sigmas(knots, "calibrated_sigmas")
         if not _is_positive_int(num_train_timesteps):
             raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
         if not (0.0 < sigma_min < sigma_max <= 1.0):
@@ -170,6 +281,8 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             )
         if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
             raise ValueError(f"`shift` must be a finite number > 0, got {shift!r}.")
+        if time_grid == "log_snr" and sigma_max >= 1.0:
+            raise ValueError("time_grid='log_snr' needs `sigma_max` < 1 (lambda is -inf at sigma 1), got 1.")
         if not (0 < base_image_seq_len < max_image_seq_len):
             raise ValueError(
                 "`base_image_seq_len` and `max_image_seq_len` must satisfy 0 < base_image_seq_len < "
@@ -217,10 +330,11 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         return self._stage is None
 
     def _reset_solver_state(self):
-        # heun / dpmpp_2s: what the second call of a step needs; dpmpp_2m: the previous x0 estimate and its lambda.
+        # heun / dpmpp_2s: what the second call of a step needs. Multistep solvers: the last x0 estimates and their
+        # lambdas (newest first); unipc also its last predictor step (start sample, x0 estimates, lambdas).
         self._stage = None
-        self._prev_x0 = None
-        self._prev_lambda = None
+        self._x0s, self._lams = [], []
+        self._last_step = None
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """Identity: flow-matching models take the noisy sample unscaled (kept for epsilon-style loops)."""
@@ -284,7 +398,7 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
                 )
             self._check_sigmas(base, "sigmas")
         else:
-            base = np.linspace(self.config.sigma_max, self.config.sigma_min, int(num_inference_steps))
+            base = self._base_grid(int(num_inference_steps))
 
         if self.config.use_dynamic_shifting:
             if mu is None:
@@ -309,6 +423,21 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._reset_solver_state()
+
+    def _base_grid(self, num_steps: int) -> np.ndarray:
+        """``num_steps`` sigmas of the configured ``time_grid`` (before shifting)."""
+        config = self.config
+        hi, lo = config.sigma_max, config.sigma_min
+        u = np.linspace(0.0, 1.0, num_steps)
+        if config.time_grid == "karras":
+            return _karras(hi, lo, config.rho, u)
+        if config.time_grid == "log_snr":
+            lam = _log_snr(hi) + u * (_log_snr(lo) - _log_snr(hi))
+            return 1.0 / (1.0 + np.exp(lam))  # alpha / sigma = e^lambda with alpha = 1 - sigma
+        if config.time_grid == "calibrated":
+            knots = np.asarray(config.calibrated_sigmas, dtype=np.float64)
+            return np.exp(np.interp(u, np.linspace(0.0, 1.0, knots.size), np.log(knots)))
+        return np.linspace(hi, lo, num_steps)
 
     @staticmethod
     def _check_sigmas(values: np.ndarray, name: str):
@@ -463,6 +592,8 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             prev = self._second_call(output, x, x0, sigma, sigma_next)
         elif sigma_next == 0.0:
             prev = x0  # the step into sigma 0: the exact jump to the x0 estimate, for every solver
+        elif solver in _MULTISTEP_ORDER:
+            prev = None  # below
         elif solver == "euler":
             prev = x + (sigma_next - sigma) * self._to_flow(output, x, x0, sigma)
         elif solver == "heun":
@@ -473,10 +604,8 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             # First call at s_i: move to the lambda-midpoint (sigma_next here) with x0 at s_i.
             self._stage = (x, sigma, self._sigma_values[index + 2])
             prev = _data_prediction_step(x, x0, sigma, sigma_next)
-        else:
-            prev = self._multistep(x, x0, sigma, sigma_next)
-        if solver == "dpmpp_2m":
-            self._prev_x0, self._prev_lambda = x0, _log_snr(sigma)
+        if solver in _MULTISTEP_ORDER:
+            prev = self._multistep(x, x0, index, prev)
 
         self._step_index += 1
         prev, x0 = prev.to(out_dtype), x0.to(out_dtype)
@@ -497,11 +626,119 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         self._stage = None
         return _data_prediction_step(start, x0, sigma_start, sigma_end)
 
-    def _multistep(self, x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-        """DPM-Solver++(2M): second-order extrapolation of x0 in lambda from the previous call's x0."""
-        lam, lam_next = _log_snr(sigma), _log_snr(sigma_next)
-        d = x0
-        if self._prev_x0 is not None and math.isfinite(self._prev_lambda) and math.isfinite(lam):
-            ratio = (lam - self._prev_lambda) / (lam_next - lam)  # r = h_prev / h
-            d = x0 + (0.5 / ratio) * (x0 - self._prev_x0)
-        return _data_prediction_step(x, d, sigma, sigma_next)
+    def _multistep(self, x: torch.Tensor, x0: torch.Tensor, index: int, final: torch.Tensor | None) -> torch.Tensor:
+        """One step of a multistep solver (dpmpp_2m, dpmpp_3m, unipc) from ``sigmas[index]``, unless ``final`` (the
+        jump into sigma 0) is given; the history is updated either way."""
+        sigma, sigma_next = self._sigma_values[index], self._sigma_values[index + 1]
+        solver, lam = self.config.solver, _log_snr(sigma)
+        if solver == "unipc" and self._last_step is not None:
+            # Corrector: redo the last step with this call's x0 as one more node (no extra model call).
+            start, x0s, lams = self._last_step
+            x = _unipc_step(start, x0s, lams, self._sigma_values[index - 1], sigma, x0)
+        # Earlier estimates at sigma = 1 (lambda = -inf) get no weight in the extrapolation (the limit drops them).
+        earlier = [(m, value) for m, value in zip(self._x0s, self._lams) if math.isfinite(value)]
+        steps_left = len(self._sigma_values) - 1 - index
+        order = min(_MULTISTEP_ORDER[solver], steps_left, 1 + len(earlier))
+        x0s = [x0] + [m for m, _ in earlier][: order - 1]
+        lams = [lam] + [value for _, value in earlier][: order - 1]
+        keep = _MULTISTEP_ORDER[solver] - 1
+        self._x0s, self._lams = [x0, *self._x0s][:keep], [lam, *self._lams][:keep]
+        self._last_step = (x, x0s, lams)
+        if final is not None:
+            return final
+        if solver == "unipc":
+            return _unipc_step(x, x0s, lams, sigma, sigma_next)
+        return _dpmpp_multistep_step(x, x0s, lams, sigma, sigma_next)
+
+
+def _sample_with(scheduler: PixelFlowMatchScheduler, sigmas, noise: torch.Tensor, denoise) -> torch.Tensor:
+    """Runs a data-prediction scheduler from `noise` over `sigmas` with `denoise(x, sigma) -> x0`."""
+    scheduler.set_timesteps(sigmas=sigmas)
+    scheduler.set_begin_index(0)
+    x = noise
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(denoise(x, scheduler._sigma_values[i]), t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def calibrate_time_grid(
+    scheduler: PixelFlowMatchScheduler,
+    denoise,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    reference_steps: int = 200,
+    sweeps: int = 4,
+    mu: float | None = None,
+) -> PixelFlowMatchScheduler:
+    """Tunes the time grid of `scheduler` (its solver, at `num_inference_steps`) to one model.
+
+    The objective is the RMS distance between what the solver makes from `noise` and a reference: UniPC with
+    `reference_steps` model calls on the ``karras`` grid over the same range. The search starts from the best of the
+    scheduler's own grid and 20 karras grids (rho 1 to 5, last sigma from `sigma_min` to 0.2), then walks each sigma
+    but the first in lambda (steps 1, 1/2, 1/4, ... over `sweeps` sweeps), keeping the grid decreasing and at or
+    above `sigma_min`. Each trial costs one sampling run (`num_inference_steps` grid points); a few samples suffice.
+
+    Args:
+        scheduler: the scheduler to tune (any solver, grid and prediction type; its shift is applied first).
+        denoise: ``denoise(sample, sigma) -> x0`` estimate, the model wrapped by the caller (guidance included).
+        noise: starting samples at the first sigma (a few, shaped as the model's input).
+        num_inference_steps: the step count the grid is tuned at; other counts interpolate it in ``log(sigma)``.
+        reference_steps: model calls of the reference solve.
+        sweeps: passes of the coordinate search.
+        mu: the dynamic shift, for schedulers with ``use_dynamic_shifting`` (the grid is then tuned at that `mu`).
+
+    Returns:
+        A scheduler of the same class and config with ``time_grid="calibrated"`` and the tuned ``calibrated_sigmas``
+        (shift 1, no dynamic shifting: the knots are final sigmas); ``save_pretrained`` keeps them.
+    """
+    if not _is_positive_int(num_inference_steps) or num_inference_steps < 2:
+        raise ValueError(f"`num_inference_steps` must be an integer >= 2, got {num_inference_steps!r}.")
+    if not _is_positive_int(reference_steps):
+        raise ValueError(f"`reference_steps` must be a positive integer, got {reference_steps!r}.")
+    config = dict(scheduler.config)
+    data_config = {**config, "prediction_type": "sample", "shift": 1.0, "use_dynamic_shifting": False}
+    data_config.update(time_grid="linear", calibrated_sigmas=None)
+    reference_scheduler = PixelFlowMatchScheduler.from_config(data_config, solver="unipc", time_grid="karras")
+    reference = _sample_with(reference_scheduler, reference_scheduler._base_grid(reference_steps), noise, denoise)
+
+    start = PixelFlowMatchScheduler.from_config(config)
+    start.set_timesteps(num_inference_steps, mu=mu)
+    grid = torch.unique_consecutive(start.sigmas[:-1]).tolist()
+    if len(grid) != num_inference_steps:  # dpmpp_2s: drop the midpoints, keep the grid points
+        grid = grid[::2]
+    trial_scheduler = PixelFlowMatchScheduler.from_config(data_config)
+    lam_floor = _log_snr(config["sigma_min"])
+
+    def error(lams):
+        sigmas = [grid[0]] + [1.0 / (1.0 + math.exp(value)) for value in lams]
+        out = _sample_with(trial_scheduler, sigmas, noise, denoise)
+        return (out - reference).float().pow(2).mean().sqrt().item()
+
+    def admissible(lams):
+        bounds = [_log_snr(grid[0]), *lams]
+        return all(a < b for a, b in zip(bounds[:-1], bounds[1:])) and lams[-1] <= lam_floor
+
+    # Start from the best of the scheduler's grid and a few karras grids ending at or above sigma_min.
+    u = np.linspace(0.0, 1.0, num_inference_steps)
+    ends = np.geomspace(config["sigma_min"], max(config["sigma_min"], 0.2), 4)
+    starts = [grid] + [_karras(grid[0], end, rho, u).tolist() for rho in (1.0, 1.5, 2.0, 3.0, 5.0) for end in ends]
+    best, lams = min((error(lams), lams) for lams in ([_log_snr(v) for v in sigmas[1:]] for sigmas in starts))
+    for sweep in range(sweeps):
+        delta = 2.0 ** -sweep
+        for k in range(len(lams)):
+            for move in (delta, -delta):
+                moved = False
+                while True:  # walk this knot while the error drops
+                    trial = lams[:k] + [lams[k] + move] + lams[k + 1 :]
+                    value = error(trial) if admissible(trial) else math.inf
+                    if value >= best:
+                        break
+                    lams, best, moved = trial, value, True
+                if moved:
+                    break
+    knots = [grid[0]] + [1.0 / (1.0 + math.exp(value)) for value in lams]
+    return PixelFlowMatchScheduler.from_config(
+        config, time_grid="calibrated", calibrated_sigmas=[float(v) for v in knots], shift=1.0,
+        use_dynamic_shifting=False,
+    )

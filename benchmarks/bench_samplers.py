@@ -1,0 +1,194 @@
+"""Few-step sampling: error against model calls (NFE) for every solver and time grid, ours and diffusers'.
+
+    python benchmarks/bench_samplers.py                        # exact-denoiser oracles only (about a minute)
+    python benchmarks/bench_samplers.py --pipeline checkpoints/shapes-pixelhdm --num_images 32
+
+Oracles (the denoiser is exact, only the solver errs): a 64-D Gaussian with per-dimension spreads 0.05 to 1, and
+mixtures of 8 isotropic Gaussians in 2-D and 16-D with unequal weights and component spread 0.05 (small against the
+spread of the means). Every sampler starts from the same pure noise at sigma 1; the reference is the exact ODE
+endpoint (closed form for the Gaussian; for the mixtures a 600-step RK4 solve in float64, checked against 300
+steps). Error = RMS distance to the reference over the RMS spread of the data. diffusers' schedulers run on their own
+flow grids at the same NFE in the same run.
+
+On a pipeline (``--pipeline``): distance to a 200-NFE reference image from the same noise (RMS in [-1, 1] pixels)
+and the shapes adherence of ``benchmarks/eval_shapes.py`` at 4, 6, 8, 12, 20 NFE, against 40-NFE Heun.
+Prints tables, writes JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from pixel_diffusers.schedulers import PixelFlowMatchScheduler
+from pixel_diffusers.schedulers.scheduling_pixel_flow import calibrate_time_grid
+
+NFES = (4, 6, 8, 12, 16, 24, 32)
+
+
+# ----------------------------------------------------------------------------------------------------- oracles
+
+
+class GaussianMixture:
+    """Isotropic Gaussian components N(mu_k, s_k^2 I) with weights w_k; its exact denoiser E[x0 | x_sigma]."""
+
+    def __init__(self, means, spreads, weights):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.spreads = torch.as_tensor(spreads, dtype=torch.float64).reshape(len(self.means), -1)
+        self.log_weights = torch.log(torch.as_tensor(weights, dtype=torch.float64) / sum(weights))
+        mean = (self.log_weights.exp()[:, None] * self.means).sum(0)
+        second = (self.log_weights.exp()[:, None] * (self.means**2 + self.spreads**2)).sum(0)
+        self.data_std = float((second - mean**2).mean().sqrt())
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        a = 1.0 - sigma
+        variance = a**2 * self.spreads**2 + sigma**2  # (K, D) per-component variance of x_sigma
+        diff = x[:, None, :] - a * self.means[None]  # (B, K, D)
+        log_p = self.log_weights - 0.5 * ((diff**2 / variance) + variance.log()).sum(-1)
+        posterior = torch.softmax(log_p, dim=1)  # (B, K)
+        x0_given_k = self.means[None] + (a * self.spreads**2 / variance)[None] * diff
+        return (posterior[..., None] * x0_given_k).sum(1)
+
+
+def gaussian_endpoint(oracle: GaussianMixture, noise: torch.Tensor) -> torch.Tensor:
+    """Exact ODE endpoint from sigma 1 for a single Gaussian: x0 = mu + s * z."""
+    return oracle.means[0] + oracle.spreads[0] * noise
+
+
+def rk4_endpoint(oracle: GaussianMixture, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """High-accuracy ODE solve dx/dsigma = (x - D(x, sigma)) / sigma from 1 to 1e-5 (RK4 on a sigma^(1/7) grid),
+    then the jump to D (its error is ~1e-5^2 / spread)."""
+    sigmas = torch.linspace(1.0, 1e-5 ** (1 / 7), steps + 1, dtype=torch.float64) ** 7
+
+    def flow(x, sigma):
+        return (x - oracle.denoise(x, sigma)) / sigma
+
+    x = noise.clone()
+    for s, t in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        h = t - s
+        k1 = flow(x, s)
+        k2 = flow(x + 0.5 * h * k1, s + 0.5 * h)
+        k3 = flow(x + 0.5 * h * k2, s + 0.5 * h)
+        k4 = flow(x + h * k3, t)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return oracle.denoise(x, sigmas[-1].item())
+
+
+def make_oracles(num_samples: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    dim = 64
+    gaussian = GaussianMixture(
+        (torch.rand(1, dim, generator=g) - 0.5), torch.linspace(0.05, 1.0, dim)[None], [1.0]
+    )
+    oracles = {"gaussian_64d": gaussian}
+    for dim in (2, 16):
+        means = torch.randn(8, dim, generator=g)
+        weights = (torch.arange(8) + 1.0).tolist()  # 1:8 weight ratio between the smallest and largest component
+        oracles[f"mixture8_{dim}d"] = GaussianMixture(means, torch.full((8, 1), 0.05), weights)
+    out = {}
+    for name, oracle in oracles.items():
+        dim = oracle.means.shape[1]
+        noise = torch.randn(num_samples, dim, generator=g, dtype=torch.float64)
+        if name.startswith("gaussian"):
+            reference, check = gaussian_endpoint(oracle, noise), None
+        else:
+            reference = rk4_endpoint(oracle, noise, 600)
+            coarse = rk4_endpoint(oracle, noise, 300)
+            check = float((reference - coarse).pow(2).mean().sqrt()) / oracle.data_std
+        out[name] = {"oracle": oracle, "noise": noise, "reference": reference, "reference_check": check}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- samplers
+
+
+def steps_for(solver: str, nfe: int) -> int:
+    """Grid points giving `nfe` model calls (heun and dpmpp_2s: 2 N - 1 calls on N points)."""
+    return (nfe + 1) // 2 if solver in ("heun", "dpmpp_2s") else nfe
+
+
+def ours(solver: str, nfe: int, **config) -> PixelFlowMatchScheduler:
+    scheduler = PixelFlowMatchScheduler(solver=solver, prediction_type="sample", **config)
+    scheduler.set_timesteps(steps_for(solver, nfe))
+    return scheduler
+
+
+def diffusers_scheduler(name: str, nfe: int):
+    """diffusers' flow-matching counterparts on their own default flow grids, shift 1."""
+    if name == "diffusers_euler":
+        scheduler = FlowMatchEulerDiscreteScheduler()
+        scheduler.set_timesteps(nfe)
+    elif name == "diffusers_heun":
+        scheduler = FlowMatchHeunDiscreteScheduler()
+        scheduler.set_timesteps((nfe + 1) // 2)
+    elif name.startswith("diffusers_unipc"):
+        scheduler = UniPCMultistepScheduler(
+            use_flow_sigmas=True, prediction_type="flow_prediction", solver_order=3, solver_type="bh2",
+            flow_shift=1.0,
+        )
+        scheduler.set_timesteps(nfe)
+    else:
+        order = int(name[-2])
+        scheduler = DPMSolverMultistepScheduler(
+            use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="dpmsolver++",
+            solver_order=order, flow_shift=1.0,
+        )
+        scheduler.set_timesteps(nfe)
+    return scheduler
+
+
+def run_loop(scheduler, noise: torch.Tensor, denoise) -> tuple[torch.Tensor, int]:
+    """Samples from `noise` at the scheduler's first sigma; returns the result and the number of model calls."""
+    kind = getattr(scheduler.config, "prediction_type", "flow_prediction")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    x = noise.to(torch.float32)
+    calls = 0
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = float(scheduler.sigmas[i])
+        x0 = denoise(x.double(), sigma).to(torch.float32)
+        calls += 1
+        output = x0 if kind == "sample" else (x - x0) / sigma  # flow_prediction: noise - x0
+        x = scheduler.step(output, t, x).prev_sample
+    return x, calls
+
+
+def oracle_table(oracles: dict, configs: dict, nfes) -> dict:
+    results = {}
+    for name, entry in oracles.items():
+        oracle = entry["oracle"]
+        results[name] = {}
+        for label, make in configs.items():
+            row = {}
+            for nfe in nfes:
+                scheduler = make(nfe, entry)
+                out, calls = run_loop(scheduler, entry["noise"], oracle.denoise)
+                assert calls <= nfe, (label, nfe, calls)  # heun, dpmpp_2s: 2 N - 1 calls
+                error = (out.double() - entry["reference"]).pow(2).mean().sqrt() / oracle.data_std
+                row[nfe] = float(error)
+            results[name][label] = row
+    return results
+
+
+def first_nfe_below(row: dict, tolerance: float):
+    return next((nfe for nfe, error in sorted(row.items()) if error <= tolerance), None)
+
+
+def print_oracle_table(results: dict, nfes):
+    for name, rows in results.items():
+        print(f"\n{name}: relative error at NFE " + " ".join(f"{n:>8d}" for n in nfes) + "   NFE to 1e-2 / 1e-3")
+        for label, row in rows.items():
+            errors = " ".join(f"{row[n]:8.1e}" for n in nfes)
+            print(f"  {label:34s} {errors}   {first_nfe_below(row, 1e-2)} / {first_nfe_below(row, 1e-3)}")
