@@ -192,3 +192,160 @@ def print_oracle_table(results: dict, nfes):
         for label, row in rows.items():
             errors = " ".join(f"{row[n]:8.1e}" for n in nfes)
             print(f"  {label:34s} {errors}   {first_nfe_below(row, 1e-2)} / {first_nfe_below(row, 1e-3)}")
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines
+
+
+def pipeline_denoiser(pipe, call_kwargs: dict):
+    """``denoise(x, sigma) -> x0`` of a flow pipeline (guidance included): the pipeline itself, run for one step from
+    `x` at `sigma` with a data-prediction scheduler, whose step into sigma 0 returns the model's x0 estimate."""
+    probe = type(pipe)(**{**pipe.components, "scheduler": PixelFlowMatchScheduler(solver="euler",
+                                                                                  prediction_type="sample")})
+    probe.set_progress_bar_config(disable=True)
+
+    def denoise(x, sigma):
+        return probe(**call_kwargs, latents=x, sigmas=[sigma], output_type="latent").images
+
+    return denoise
+
+
+def pipeline_table(args) -> dict:
+    from diffusers import DiffusionPipeline
+
+    import pixel_diffusers  # noqa: F401 - registers our pipelines with diffusers
+    from eval_shapes import score
+    from pixel_diffusers.training_utils import shapes
+
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    # from_config would drop the keys a loaded config lists in `_use_default_values`: keep the values only.
+    base = {key: value for key, value in pipe.scheduler.config.items() if not key.startswith("_")}
+    combos = shapes.evaluation_prompts(args.num_images, seed=0)
+    call = {
+        "prompt": [shapes.caption(*combo) for combo in combos],
+        "height": args.resolution,
+        "width": args.resolution,
+        "guidance_scale": args.guidance_scale,
+    }
+    noise = torch.randn(args.num_images, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
+
+    def sample(config: dict, nfe: int) -> torch.Tensor:
+        pipe.scheduler = PixelFlowMatchScheduler.from_config(config)
+        steps = steps_for(config["solver"], nfe)
+        return pipe(**call, latents=noise, num_inference_steps=steps, output_type="latent").images
+
+    started = time.perf_counter()
+    reference = sample({**base, "solver": "unipc", "time_grid": "karras", "rho": 3.0}, 200)
+    configs = {
+        "heun linear (40 NFE)": ({**base, "solver": "heun", "time_grid": "linear"}, (39,)),
+        "heun linear": ({**base, "solver": "heun", "time_grid": "linear"}, args.pipeline_nfes),
+        "dpmpp_3m linear": ({**base, "solver": "dpmpp_3m", "time_grid": "linear"}, args.pipeline_nfes),
+        "unipc linear": ({**base, "solver": "unipc", "time_grid": "linear"}, args.pipeline_nfes),
+    }
+    if args.calibrate:
+        calibration_call = {**call, "prompt": call["prompt"][: args.calibration_images]}
+        calibrated = calibrate_time_grid(
+            PixelFlowMatchScheduler.from_config({**base, "solver": "unipc", "time_grid": "linear"}),
+            pipeline_denoiser(pipe, calibration_call),
+            noise[: args.calibration_images],
+            num_inference_steps=8,
+            reference_steps=100,
+            sweeps=3,
+        )
+        print("calibrated grid (unipc, 8 NFE):", [round(v, 4) for v in calibrated.config.calibrated_sigmas])
+        configs["unipc calibrated@8"] = (dict(calibrated.config), args.pipeline_nfes)
+    results = {}
+    for label, (config, nfes) in configs.items():
+        row = {}
+        for nfe in nfes:
+            out = sample(config, nfe)
+            images = pipe.image_processor.postprocess(out, output_type="pil")
+            adherence = score(images, combos, True)
+            row[nfe] = {
+                "distance": float((out - reference).pow(2).mean().sqrt()),
+                "class_accuracy": adherence["class_accuracy"],
+                "color_accuracy": adherence["color_accuracy"],
+                "shape_accuracy": adherence["shape_accuracy"],
+            }
+        results[label] = row
+        print(f"  {label:28s} " + "  ".join(
+            f"{nfe}: {r['distance']:.4f} / {r['class_accuracy']:.3f}" for nfe, r in row.items()), flush=True)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+
+def oracle_configs() -> dict:
+    """Our solvers and grids (starting at sigma 1) and diffusers' schedulers, each a (nfe, oracle) -> scheduler."""
+    configs = {
+        "heun linear 1->1e-3": lambda n, e: ours("heun", n, sigma_max=1.0, sigma_min=1e-3),
+        "dpmpp_2m linear 1->1e-3": lambda n, e: ours("dpmpp_2m", n, sigma_max=1.0, sigma_min=1e-3),
+    }
+    for solver in ("dpmpp_3m", "unipc"):
+        configs[f"{solver} linear 1->0.05"] = lambda n, e, s=solver: ours(s, n, sigma_max=1.0)
+        configs[f"{solver} karras 1.5 1->0.1"] = lambda n, e, s=solver: ours(
+            s, n, sigma_max=1.0, sigma_min=0.1, time_grid="karras", rho=1.5)
+        configs[f"{solver} karras 3 1->0.02"] = lambda n, e, s=solver: ours(
+            s, n, sigma_max=1.0, sigma_min=0.02, time_grid="karras", rho=3.0)
+        configs[f"{solver} log_snr 0.999->0.02"] = lambda n, e, s=solver: ours(
+            s, n, sigma_max=0.999, sigma_min=0.02, time_grid="log_snr")
+    for name in ("diffusers_euler", "diffusers_heun", "diffusers_dpm2m", "diffusers_dpm3m", "diffusers_unipc"):
+        configs[name] = lambda n, e, name=name: diffusers_scheduler(name, n)
+    return configs
+
+
+def calibrated_config(solver: str, nfe: int):
+    """Our `solver` on a grid calibrated to the oracle at `nfe` (16 calibration samples, other than the scored ones)."""
+    cache = {}
+
+    def make(n, entry):
+        if id(entry) not in cache:
+            start = PixelFlowMatchScheduler(solver=solver, prediction_type="sample", sigma_max=1.0, sigma_min=1e-3)
+            noise = torch.randn(16, entry["noise"].shape[1], generator=torch.Generator().manual_seed(1))
+            cache[id(entry)] = calibrate_time_grid(
+                start, lambda x, s: entry["oracle"].denoise(x.double(), s).float(), noise, steps_for(solver, nfe),
+                sweeps=3,
+            )
+        scheduler = PixelFlowMatchScheduler.from_config(cache[id(entry)].config)
+        scheduler.set_timesteps(steps_for(solver, n))
+        return scheduler
+
+    return make
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_samples", type=int, default=128, help="Oracle samples per configuration.")
+    parser.add_argument("--pipeline", default=None, help="Also measure this saved flow pipeline (shapes prompts).")
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--pipeline_nfes", type=int, nargs="+", default=[4, 6, 8, 12, 20])
+    parser.add_argument("--calibrate", action="store_true", help="Also calibrate a grid to the pipeline at 8 NFE.")
+    parser.add_argument("--calibration_images", type=int, default=8)
+    parser.add_argument("--skip_oracles", action="store_true")
+    args = parser.parse_args(argv)
+
+    results = {"nfes": list(NFES)}
+    if not args.skip_oracles:
+        oracles = make_oracles(args.num_samples)
+        results["reference_check"] = {name: entry["reference_check"] for name, entry in oracles.items()}
+        configs = oracle_configs()
+        for solver in ("dpmpp_3m", "unipc"):
+            configs[f"{solver} calibrated@8"] = calibrated_config(solver, 8)
+        results["oracles"] = oracle_table(oracles, configs, NFES)
+        print_oracle_table(results["oracles"], NFES)
+    if args.pipeline:
+        print(f"\n{args.pipeline}: RMS distance to a 200-NFE UniPC reference / class adherence, by NFE")
+        results["pipeline"] = {"name": args.pipeline, **pipeline_table(args)}
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "bench_samplers.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -74,6 +74,24 @@ def test_diffusers_euler_scheduler_gives_the_same_images(transformer):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_scheduler_time_grid_replaces_the_jit_grid(transformer):
+    """A scheduler with its own time grid (karras here) samples on that grid, the same as passing its sigmas."""
+    scheduler = PixelFlowMatchScheduler(solver="unipc", prediction_type="flow_prediction", time_grid="karras",
+                                        sigma_max=1.0, sigma_min=0.02, rho=3.0)
+    pipe = JiTPipeline(transformer, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    kwargs = dict(class_labels=[0], num_inference_steps=5, output_type="latent")
+    a = pipe(generator=torch.Generator().manual_seed(3), callback_on_step_end=lambda p, i, t, k: seen.append(t) or k,
+             **kwargs).images
+    expected = scheduler.sigmas[:-1].clone()
+    torch.testing.assert_close(torch.stack(seen) / 1000, expected)
+    assert expected[1] < 0.8  # not the 1, 0.8, ... grid
+    b = make(transformer, "unipc")(generator=torch.Generator().manual_seed(3), sigmas=expected.tolist(),
+                                   **kwargs).images
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_guidance_interval_and_scale(transformer):
     pipe = make(transformer)
     latents = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -696,7 +696,7 @@ def calibrate_time_grid(
         raise ValueError(f"`num_inference_steps` must be an integer >= 2, got {num_inference_steps!r}.")
     if not _is_positive_int(reference_steps):
         raise ValueError(f"`reference_steps` must be a positive integer, got {reference_steps!r}.")
-    config = dict(scheduler.config)
+    config = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
     data_config = {**config, "prediction_type": "sample", "shift": 1.0, "use_dynamic_shifting": False}
     data_config.update(time_grid="linear", calibrated_sigmas=None)
     reference_scheduler = PixelFlowMatchScheduler.from_config(data_config, solver="unipc", time_grid="karras")

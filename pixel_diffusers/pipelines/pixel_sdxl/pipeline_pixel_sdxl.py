@@ -399,7 +399,8 @@ class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusi
             add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds])
             add_time_ids = torch.cat([add_time_ids, add_time_ids])
 
-        if sigmas is None and not self.scheduler.config.get("use_flow_sigmas", False):
+        own_grid = self.scheduler.config.get("time_grid", "linear") != "linear"  # karras, log-SNR, calibrated
+        if sigmas is None and not (own_grid or self.scheduler.config.get("use_flow_sigmas", False)):
             sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)  # upstream's grid before 0
         elif self.scheduler.config.get("use_flow_sigmas", False):
             sigmas = None  # such schedulers build their own flow sigmas and reject a list

@@ -210,9 +210,10 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         latents = latents.to(device=device, dtype=torch.float32)
 
-        if sigmas is None:
+        if sigmas is None and self.scheduler.config.get("time_grid", "linear") == "linear":
             sigmas = 0.999 * np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, None, device, sigmas=sigmas)
+        steps = num_inference_steps if sigmas is None else None  # else a scheduler's karras/log-SNR/calibrated grid
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, steps, device, sigmas=sigmas)
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
