@@ -389,7 +389,7 @@ def test_set_timesteps_resets_state(solver):
     x = noise()
     for i, t in enumerate(scheduler.timesteps[:5]):  # stop halfway, inside a two-call step for heun / 2s
         sigma = scheduler.sigmas[i].item()
-        x = scheduler.step(model_output("velocity", x, sigma, data.denoise(x, sigma)), t, x).prev_sample
+        x = scheduler.step(model_output(scheduler.config.prediction_type, x, sigma, data.denoise(x, sigma)), t, x).prev_sample
     scheduler.set_timesteps(8)
     again = sample_loop(scheduler, noise(), data.denoise)
     fresh = PixelFlowMatchScheduler(solver=solver)
@@ -405,7 +405,7 @@ def test_loop_without_begin_index_and_img2img_start(solver):
     scheduler.set_timesteps(6)
     x = noise()
     for i, t in enumerate(scheduler.timesteps):  # no set_begin_index: look the timestep up
-        x = scheduler.step(model_output("velocity", x, scheduler.sigmas[i].item(), c), t, x).prev_sample
+        x = scheduler.step(model_output(scheduler.config.prediction_type, x, scheduler.sigmas[i].item(), c), t, x).prev_sample
     assert (x - c).abs().max().item() <= 1e-5
 
     scheduler.set_timesteps(6)
@@ -414,7 +414,7 @@ def test_loop_without_begin_index_and_img2img_start(solver):
     start = scheduler.scale_noise(c, scheduler.timesteps[begin : begin + 1], noise())
     x = start
     for i, t in enumerate(scheduler.timesteps[begin:], start=begin):
-        x = scheduler.step(model_output("velocity", x, scheduler.sigmas[i].item(), c), t, x).prev_sample
+        x = scheduler.step(model_output(scheduler.config.prediction_type, x, scheduler.sigmas[i].item(), c), t, x).prev_sample
     assert (x - c).abs().max().item() <= 1e-5
 
 
@@ -529,7 +529,7 @@ def test_bad_step_raises():
 def test_default_output_is_pure_x0_jump_at_the_end():
     """The last step lands exactly on the model's x0 estimate (upstream stops at sigma 0.05 with noise left)."""
     for solver in SOLVERS:
-        scheduler = PixelFlowMatchScheduler(solver=solver)
+        scheduler = PixelFlowMatchScheduler(solver=solver, prediction_type="velocity")
         scheduler.set_timesteps(4)
         scheduler.set_begin_index(len(scheduler.timesteps) - 1)
         x = noise()

@@ -59,7 +59,7 @@ def make_tiny_pixelhdm_pipeline(seed: int = 0, solver: str = "heun") -> PixelHDM
     text_encoder = make_tiny_qwen3_text_encoder(transformer.config.text_embed_dim, seed=seed + 1)
     return PixelHDMPipeline(
         transformer=transformer.eval(),
-        scheduler=PixelFlowMatchScheduler(solver=solver, prediction_type="velocity"),
+        scheduler=PixelFlowMatchScheduler(solver=solver),
         text_encoder=text_encoder,
         tokenizer=make_tiny_tokenizer(),
     )

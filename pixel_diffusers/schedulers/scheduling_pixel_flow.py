@@ -2,9 +2,10 @@
 
 Conventions (the same as diffusers' flow-matching schedulers): ``sigma`` runs from 1 (pure noise) to 0 (clean data),
 ``x_sigma = (1 - sigma) * x0 + sigma * noise``, ``timesteps = sigma * num_train_timesteps`` and a terminal sigma of 0
-is appended to ``sigmas``. PixelHDM's native time is ``t = 1 - sigma`` and its native output is the velocity
-``x0 - noise``; ``prediction_type`` says what the model returns and is converted in :meth:`_to_x0` / :meth:`_to_flow`
-only.
+is appended to ``sigmas``. ``prediction_type`` says what ``step`` is given (diffusers' meaning; the default
+``flow_prediction`` is ``noise - x0``, what diffusers' flow schedulers step with) and is converted in :meth:`_to_x0` /
+:meth:`_to_flow` only. Pipelines convert their model's native output (PixelHDM's velocity ``x0 - noise``, JiT's x0)
+into it, so that the same config swaps into diffusers' schedulers with ``from_config``.
 
 Default schedule. ``num_inference_steps`` sigmas spaced linearly from ``sigma_max = 0.95`` to ``sigma_min = 0.05``
 (PixelHDM's trained range), then one last step into sigma 0. As upstream, sampling starts from pure ``N(0, I)``
@@ -80,23 +81,6 @@ class PixelFlowMatchSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
-
-
-def x0_to_prediction(scheduler, x0: torch.Tensor, sample: torch.Tensor, flow_sigma: torch.Tensor) -> torch.Tensor:
-    """Converts an x0 estimate at `sample` into what `scheduler` expects (its `prediction_type`; diffusers' flow
-    schedulers without one expect `flow_prediction`). The flow `noise - x0` is `(sample - x0) / flow_sigma`: pass the
-    sample's sigma, or a floored sigma where a model's sampler floors it."""
-    prediction_type = getattr(scheduler.config, "prediction_type", "flow_prediction")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
-    if prediction_type == "sample":
-        return x0
-    flow = (sample - x0) / flow_sigma
-    if prediction_type == "flow_prediction":
-        return flow
-    if prediction_type == "velocity":
-        return -flow
-    return x0 + flow  # epsilon
 
 
 def _is_positive_int(value) -> bool:
@@ -217,9 +201,9 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps (`int`, defaults to 1000): timesteps are ``sigma * num_train_timesteps``.
         solver (`str`, defaults to ``"euler"``): one of ``"euler"``, ``"heun"``, ``"dpmpp_2m"``, ``"dpmpp_2s"``,
             ``"dpmpp_3m"``, ``"unipc"``.
-        prediction_type (`str`, defaults to ``"velocity"``): what the model returns: ``"velocity"`` (x0 - noise,
-            PixelHDM's native output), ``"flow_prediction"`` (noise - x0, diffusers' flow models), ``"sample"`` (x0) or
-            ``"epsilon"`` (noise).
+        prediction_type (`str`, defaults to ``"flow_prediction"``): what ``step`` is given: ``"flow_prediction"``
+            (noise - x0, as diffusers' flow schedulers), ``"sample"`` (x0), ``"epsilon"`` (noise) or ``"velocity"``
+            (x0 - noise; kept for saved configs, but diffusers' UniPC / DPM-Solver reject it in ``from_config``).
         sigma_max (`float`, defaults to 0.95), sigma_min (`float`, defaults to 0.05): ends of the ``linear``,
             ``karras`` and ``log_snr`` grids (before shifting).
         time_grid (`str`, defaults to ``"linear"``): how ``set_timesteps(num_inference_steps)`` spaces the sigmas:
@@ -245,7 +229,7 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         self,
         num_train_timesteps: int = 1000,
         solver: str = "euler",
-        prediction_type: str = "velocity",
+        prediction_type: str = "flow_prediction",
         sigma_max: float = 0.95,
         sigma_min: float = 0.05,
         shift: float = 1.0,
@@ -296,6 +280,10 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
                 f"max_image_seq_len, got {base_image_seq_len!r} and {max_image_seq_len!r}."
             )
 
+        # `prediction_type` means the same to diffusers' UniPC / DPM-Solver with flow sigmas, whose default is
+        # "epsilon": mark it as set, so that `from_config(pipe.scheduler.config)` always passes it on.
+        defaults = [key for key in self.config.get("_use_default_values", []) if key != "prediction_type"]
+        self.register_to_config(_use_default_values=defaults)
         self.order = _SOLVER_ORDER[solver]
         self.init_noise_sigma = 1.0
 

@@ -379,6 +379,8 @@ class PixelHDMTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Atte
         rope_theta: RoPE frequency base.
         repa_align_layer: 1-based patch block whose image tokens are returned as REPA features.
         norm_eps: epsilon of every RMSNorm.
+        sample_size: the image side the model was trained at, which `PixelHDMPipeline` generates by default (the
+            model itself takes any multiple of `patch_size`); None when not recorded.
 
     Initialisation follows the intended upstream scheme, which deliberately differs from what upstream's code ends up
     with: upstream re-initialises every Linear with xavier after the submodules' own init, which silently overwrites
@@ -414,6 +416,7 @@ class PixelHDMTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Atte
         rope_theta: float = 10000.0,
         repa_align_layer: int = 8,
         norm_eps: float = 1e-6,
+        sample_size: int | None = None,
     ):
         super().__init__()
         # register_to_config has already stored every argument; validate them all in one place.
@@ -688,6 +691,9 @@ def _validate_config(**cfg) -> None:
         raise ValueError(
             f"mlp_ratio must give a pixel SwiGLU width pixel_dim * mlp_ratio >= 1; got {cfg['mlp_ratio']!r}."
         )
+    size = cfg.get("sample_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % cfg["patch_size"]):
+        raise ValueError(f"sample_size must be None or a positive multiple of patch_size={cfg['patch_size']}; got {size!r}.")
     layer = cfg["repa_align_layer"]
     if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= cfg["num_patch_layers"]:
         raise ValueError(

@@ -245,6 +245,8 @@ class PixelSDXLUNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin, A
             512 and 3 for patch 16, 768 and 4 for patch 32).
         conv_encoder_channels: the conv encoder's stem and first four stage widths (its last stage has the body's input
             width); conv_decoder_channels: the conv decoder's widths after its first stage, deep to shallow.
+        sample_size: the image side the model was trained at, which `PixelSDXLPipeline` generates by default (the
+            model takes any multiple of the patch grid); None when not recorded.
 
     Parameter counts of the presets (`from_preset`): "patch16" 2,576,760,896 (patch encoder 14,723,904, decoder
     14,888,192, body 2,547,148,800), "patch32" 2,460,812,672 (encoder 45,339,520, decoder 45,833,472, body
@@ -279,6 +281,7 @@ class PixelSDXLUNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin, A
         num_patch_res_blocks: int = 3,
         conv_encoder_channels: tuple[int, ...] = (32, 64, 128, 160, 320),
         conv_decoder_channels: tuple[int, ...] = (320, 256, 160, 128, 64),
+        sample_size: int | None = None,
     ):
         super().__init__()
         _validate_config(self.config)
@@ -476,6 +479,9 @@ class PixelSDXLUNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin, A
 
 
 def _validate_config(config) -> None:
+    size = config.get("sample_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"sample_size must be None or a positive integer image side; got {size!r}.")
     if config.patch_size not in PATCH_SIZES:
         raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {config.patch_size!r}.")
     if config.encoder_decoder_type not in ENCODER_DECODER_TYPES:

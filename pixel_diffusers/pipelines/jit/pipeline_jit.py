@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
@@ -16,7 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
-from ...schedulers.scheduling_pixel_flow import x0_to_prediction
+from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -206,20 +205,22 @@ class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         latents = latents.to(device=device, dtype=torch.float32)
 
-        if sigmas is None and self.scheduler.config.get("time_grid", "linear") == "linear":
-            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)  # JiT's grid
-        steps = num_inference_steps if sigmas is None else None  # else a scheduler's karras/log-SNR/calibrated grid
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, steps, device, sigmas=sigmas)
+        own_grid = self.scheduler.config.get("time_grid", "linear") != "linear"  # karras, log-SNR, calibrated
+        timesteps, num_inference_steps = retrieve_flow_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas,  # the native grid unless the scheduler has its own
+            default_sigmas=None if sigmas is not None or own_grid
+            else np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps),
+        )
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
         null = torch.full_like(labels, config.num_classes)
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=progress_total(self.scheduler, timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                sigma = t.float() / self.scheduler.config.num_train_timesteps
+                sigma = current_sigma(self.scheduler, t)
                 jit_t = 1.0 - sigma.item()
                 guided = self.do_classifier_free_guidance and (
                     guidance_interval is None
@@ -238,6 +239,7 @@ class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
                     # Guidance on x0 equals JiT's guidance on the velocity: both are affine in x0 at a fixed sample.
                     x0 = x0_uncond + guidance_scale * (x0_cond - x0_uncond)
                 prediction = self.x0_to_prediction(x0, latents, sigma)
+                step_begins = starts_a_step(self.scheduler)
                 latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -246,7 +248,8 @@ class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
                         callback_kwargs[name] = locals()[name]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                progress_bar.update()
+                if step_begins:
+                    progress_bar.update()
 
         image = latents if output_type == "latent" else self.image_processor.postprocess(latents, output_type=output_type)
         self.maybe_free_model_hooks()

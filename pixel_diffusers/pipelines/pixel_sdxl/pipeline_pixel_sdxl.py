@@ -9,7 +9,6 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import logging, replace_example_docstring
@@ -18,7 +17,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ...hub import PixelDiffusersHubMixin
 from ...models.unets.unet_pixel_sdxl import PixelSDXLUNet2DConditionModel
-from ...schedulers.scheduling_pixel_flow import x0_to_prediction
+from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
 
 logger = logging.get_logger(__name__)
 
@@ -86,7 +85,8 @@ class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusi
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
         self.patch_size = unet.config.patch_size if unet is not None else 16
-        self.default_sample_size = 1024
+        sample_size = unet.config.get("sample_size") if unet is not None else None
+        self.default_sample_size = sample_size or 1024
 
     # ------------------------------------------------------------------------------------------------------------
     # Text
@@ -322,7 +322,8 @@ class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusi
             prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds` and `pooled_prompt_embeds`.
             prompt_2 (`str` or `list[str]`, *optional*): the prompt(s) for the second text encoder (default: `prompt`).
             negative_prompt, negative_prompt_2 (*optional*): the unconditional prompts for guidance ("" by default).
-            height, width (`int`, defaults to 1024): multiples of the patch size (16 or 32).
+            height, width (`int`, *optional*): multiples of the patch size (16 or 32); default: the U-Net's
+                `sample_size` (the training resolution), or 1024 for a config without one.
             num_inference_steps (`int`, defaults to 30): Euler steps on the grid `1, (N-1)/N, ..., 1/N` (shifted by the
                 scheduler's `shift`), then the step to sigma 0.
             sigmas (`list[float]`, *optional*): custom noise levels in (0, 1], decreasing; overrides that grid.
@@ -400,20 +401,20 @@ class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusi
             add_time_ids = torch.cat([add_time_ids, add_time_ids])
 
         own_grid = self.scheduler.config.get("time_grid", "linear") != "linear"  # karras, log-SNR, calibrated
-        if sigmas is None and not (own_grid or self.scheduler.config.get("use_flow_sigmas", False)):
-            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)  # upstream's grid before 0
-        elif self.scheduler.config.get("use_flow_sigmas", False):
-            sigmas = None  # such schedulers build their own flow sigmas and reject a list
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
+        timesteps, num_inference_steps = retrieve_flow_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas,  # the native grid unless the scheduler has its own
+            default_sigmas=None if sigmas is not None or own_grid
+            else np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps),
+        )
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=progress_total(self.scheduler, timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                sigma = t.float() / self.scheduler.config.num_train_timesteps
+                sigma = current_sigma(self.scheduler, t)
                 model_input = latents.to(self.unet.dtype)
                 if self.do_classifier_free_guidance:
                     model_input = torch.cat([model_input, model_input])
@@ -429,6 +430,7 @@ class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusi
                     x0_uncond, x0_cond = x0.chunk(2)
                     x0 = x0_uncond + self.guidance_scale * (x0_cond - x0_uncond)
                 prediction = self.x0_to_prediction(x0, latents, sigma)
+                step_begins = starts_a_step(self.scheduler)
                 latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -440,7 +442,8 @@ class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusi
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     add_text_embeds = callback_outputs.pop("add_text_embeds", add_text_embeds)
                     add_time_ids = callback_outputs.pop("add_time_ids", add_time_ids)
-                progress_bar.update()
+                if step_begins:
+                    progress_bar.update()
 
         if output_type == "latent":
             image = latents

@@ -10,7 +10,6 @@ import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import BaseOutput, replace_example_docstring
@@ -19,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
-from ...schedulers.scheduling_pixel_flow import x0_to_prediction
+from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
 from .codec import TextPixelCodec
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -210,10 +209,12 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         latents = latents.to(device=device, dtype=torch.float32)
 
-        if sigmas is None and self.scheduler.config.get("time_grid", "linear") == "linear":
-            sigmas = 0.999 * np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-        steps = num_inference_steps if sigmas is None else None  # else a scheduler's karras/log-SNR/calibrated grid
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, steps, device, sigmas=sigmas)
+        own_grid = self.scheduler.config.get("time_grid", "linear") != "linear"  # karras, log-SNR, calibrated
+        timesteps, num_inference_steps = retrieve_flow_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas,  # the native grid unless the scheduler has its own
+            default_sigmas=None if sigmas is not None or own_grid
+            else 0.999 * np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps),
+        )
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
@@ -223,11 +224,11 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
             model_condition = torch.cat([condition, condition])
             condition_mask = torch.cat([torch.ones(batch_size, dtype=torch.bool), torch.zeros(batch_size, dtype=torch.bool)]).to(device)
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=progress_total(self.scheduler, timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                sigma = t.float() / self.scheduler.config.num_train_timesteps
+                sigma = current_sigma(self.scheduler, t)
                 model_input = latents.to(self.transformer.dtype)
                 if condition_mask is not None:
                     model_input = torch.cat([model_input, model_input])
@@ -239,6 +240,7 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
                     x0_cond, x0_uncond = x0.chunk(2)
                     x0 = x0_uncond + guidance_scale * (x0_cond - x0_uncond)
                 prediction = self.x0_to_prediction(x0, latents, sigma)
+                step_begins = starts_a_step(self.scheduler)
                 latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -247,7 +249,8 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
                         callback_kwargs[name] = locals()[name]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                progress_bar.update()
+                if step_begins:
+                    progress_bar.update()
 
         samples = latents.clamp(0.0, 1.0)
         token_ids = self.codec.decode(samples, snap=snap)

@@ -8,7 +8,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import SanaLoraLoaderMixin
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import SchedulerMixin
@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
+from ..flow_utils import current_sigma, flow_to_prediction, progress_total, retrieve_flow_timesteps, starts_a_step
 
 logger = logging.get_logger(__name__)
 
@@ -46,13 +47,16 @@ class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLo
     Components:
         transformer ([`PixelHDMTransformer2DModel`]): predicts the flow velocity `x0 - noise` in pixel space.
         scheduler: a flow-matching scheduler, [`PixelFlowMatchScheduler`] by default; diffusers' own flow schedulers
-            (`FlowMatchEulerDiscreteScheduler`, `UniPCMultistepScheduler` / `DPMSolverMultistepScheduler` with
-            `use_flow_sigmas=True`) work too.
+            work too, built fresh or with `from_config(pipe.scheduler.config)` (`FlowMatchEulerDiscreteScheduler`,
+            `FlowMatchHeunDiscreteScheduler`, `UniPCMultistepScheduler` / `DPMSolverMultistepScheduler` with
+            `use_flow_sigmas=True`).
         text_encoder: a transformers model whose `last_hidden_state` conditions the transformer (Qwen3 by default).
         tokenizer: the text encoder's tokenizer. Prompts are padded on the right to the longest prompt of the batch.
 
-    The transformer's velocity is converted to whatever `scheduler.config.prediction_type` expects in
-    [`~PixelHDMPipeline.velocity_to_prediction`], the one place that knows both conventions.
+    The transformer's velocity is converted to whatever the scheduler expects in
+    [`~PixelHDMPipeline.velocity_to_prediction`], the one place that knows both conventions (the scheduler decides,
+    see `pixel_diffusers.pipelines.flow_utils`). `height` and `width` default to the transformer's `sample_size`,
+    the resolution it was trained at.
 
     Differences from the upstream sampler (deliberate fixes): sampling ends with a step to a clean sample instead of
     returning the state at t = 0.95 with 5% noise left; timesteps and the sampler state stay in float32 under bf16
@@ -74,7 +78,8 @@ class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLo
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
         self.patch_size = transformer.config.patch_size if transformer is not None else 16
-        self.default_sample_size = 512
+        sample_size = transformer.config.get("sample_size") if transformer is not None else None
+        self.default_sample_size = sample_size or 512
 
     # ------------------------------------------------------------------------------------------------------------
     # Text
@@ -264,24 +269,8 @@ class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLo
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
     def velocity_to_prediction(self, velocity: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Converts PixelHDM's velocity `x0 - noise` into the prediction type the scheduler expects.
-
-        diffusers' flow schedulers without a `prediction_type` (FlowMatchEulerDiscreteScheduler) expect
-        `flow_prediction`, i.e. `noise - x0`.
-        """
-        prediction_type = getattr(self.scheduler.config, "prediction_type", "flow_prediction")
-        if prediction_type == "velocity":
-            return velocity
-        if prediction_type == "flow_prediction":
-            return -velocity
-        if prediction_type == "sample":
-            return sample + sigma * velocity
-        if prediction_type == "epsilon":
-            return sample - (1.0 - sigma) * velocity
-        raise ValueError(
-            f"scheduler prediction_type {prediction_type!r} is not supported; use one of "
-            "'velocity', 'flow_prediction', 'sample', 'epsilon'."
-        )
+        """Converts PixelHDM's velocity `x0 - noise` (the negated flow) into what the scheduler expects."""
+        return flow_to_prediction(self.scheduler, -velocity, sample, sigma)
 
     @property
     def guidance_scale(self):
@@ -338,7 +327,8 @@ class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLo
         Args:
             prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds`.
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt for guidance ("" by default).
-            height, width (`int`, defaults to 512): multiples of the transformer's patch size (16).
+            height, width (`int`, *optional*): multiples of the transformer's patch size; default: the transformer's
+                `sample_size` (the training resolution), or 512 for a config without one.
             num_inference_steps (`int`, defaults to 50): sampling steps (a second-order solver evaluates the
                 transformer about twice per step).
             sigmas (`list[float]`, *optional*): custom noise levels in (0, 1], decreasing; overrides the scheduler's.
@@ -417,20 +407,18 @@ class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLo
                 self.scheduler.config.get("base_shift", 0.5),
                 self.scheduler.config.get("max_shift", 1.15),
             )
-        if sigmas is not None and self.scheduler.config.get("use_flow_sigmas", False):
-            sigmas = None  # such schedulers build their own flow sigmas and reject a list
-        timesteps, num_inference_steps = retrieve_timesteps(
+        timesteps, num_inference_steps = retrieve_flow_timesteps(
             self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs
         )
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=progress_total(self.scheduler, timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                sigma = t.float() / self.scheduler.config.num_train_timesteps
+                sigma = current_sigma(self.scheduler, t)
                 guided = self.do_classifier_free_guidance and (
                     guidance_interval is None or guidance_interval[0] <= sigma.item() <= guidance_interval[1]
                 )
@@ -445,6 +433,7 @@ class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLo
                     attention_kwargs,
                 )
                 prediction = self.velocity_to_prediction(velocity, latents, sigma)
+                step_begins = starts_a_step(self.scheduler)
                 latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -455,7 +444,8 @@ class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLo
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                progress_bar.update()
+                if step_begins:
+                    progress_bar.update()
 
         if output_type == "latent":
             image = latents
