@@ -13,35 +13,25 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from pixel_diffusers import JiTPipeline, JiTTransformer2DModel, PixelDLMPipeline, PixelFlowMatchScheduler
-from pixel_diffusers.testing import make_tiny_pixel_sdxl_pipeline, make_tiny_pixelhdm_pipeline, make_tiny_tokenizer
+from pixel_diffusers import JiTPipeline, PixelFlowMatchScheduler
+from pixel_diffusers.testing import (
+    make_tiny_jit_pipeline,
+    make_tiny_pixel_sdxl_pipeline,
+    make_tiny_pixeldlm_pipeline,
+    make_tiny_pixelhdm_pipeline,
+)
 
 PIPELINES = ["pixelhdm", "pixel_sdxl", "jit", "pixeldlm"]
-
-
-def _perturbed(model):
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def pipelines():
     """Each flow pipeline with the scheduler it is saved with, and the call arguments of a tiny run."""
-    torch.manual_seed(0)
-    jit = _perturbed(JiTTransformer2DModel(sample_size=16, patch_size=4, hidden_size=32, num_layers=2,
-                                           num_attention_heads=2, bottleneck_dim=8, num_classes=3,
-                                           in_context_len=2, in_context_start=1))
-    torch.manual_seed(0)
-    dlm = _perturbed(JiTTransformer2DModel(architecture="pixeldlm", sample_size=8, patch_size=2, hidden_size=32,
-                                           num_layers=2, num_attention_heads=2))
     return {
         "pixelhdm": (make_tiny_pixelhdm_pipeline(seed=0), dict(prompt="a red circle", height=32, width=32, guidance_scale=3.0)),
         "pixel_sdxl": (make_tiny_pixel_sdxl_pipeline(seed=0), dict(prompt="a red circle", height=32, width=32, guidance_scale=5.0)),
-        "jit": (JiTPipeline(jit, PixelFlowMatchScheduler(solver="heun")), dict(class_labels=[1], guidance_scale=2.0)),
-        "pixeldlm": (PixelDLMPipeline(dlm, PixelFlowMatchScheduler(), make_tiny_tokenizer()), dict(prompt="hi")),
+        "jit": (make_tiny_jit_pipeline(seed=0), dict(class_labels=[1], guidance_scale=2.0)),
+        "pixeldlm": (make_tiny_pixeldlm_pipeline(seed=0), dict(prompt="hi")),
     }
 
 

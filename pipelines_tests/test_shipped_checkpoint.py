@@ -1,5 +1,6 @@
 """The PixelHDM shapes checkpoint the repository ships: what it is, that it loads and that it follows prompts."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,3 +32,13 @@ def test_checkpoint_loads_and_draws_the_prompted_colours():
                   guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images
     assert [shapes.classify_background(np.asarray(i)) for i in images] == [c[2] for c in combos]
     assert [shapes.classify_color(np.asarray(i)) for i in images] == [c[1] for c in combos]
+
+
+def test_checkpoint_card_snippet_runs_as_written(monkeypatch, tmp_path):
+    """The card's usage snippet, run from the repository root: it needs `import pixel_diffusers`, and the pipeline
+    defaults to the 32x32 the model was trained at."""
+    snippet = re.search(r"```python\n(.*?)```", (CHECKPOINT / "README.md").read_text(), re.S).group(1)
+    monkeypatch.chdir(ROOT)
+    namespace = {}
+    exec(compile(snippet.replace('"sample.png"', repr(str(tmp_path / "sample.png"))), "card", "exec"), namespace)
+    assert namespace["image"].size == (32, 32) and (tmp_path / "sample.png").exists()

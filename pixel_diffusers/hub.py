@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.resources
 import os
 import tempfile
@@ -54,6 +55,23 @@ def register_with_diffusers(*pipeline_classes: type) -> None:
         pipeline_utils._get_custom_components_and_folders = _exempt_our_components(check)
 
 
+def install_command() -> str:
+    """The pip command that installs this package. It is installed from its source repository (there is no release
+    on a package index): `git+URL` when the installed metadata names the repository, else an editable install of a
+    clone."""
+    try:
+        metadata = importlib.metadata.metadata("pixel-diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        metadata = None
+    urls = []
+    if metadata is not None:
+        urls = [metadata.get("Home-page")] + [u.split(",")[-1].strip() for u in metadata.get_all("Project-URL") or []]
+    url = next((u for u in urls if u and u.startswith("https://")), None)
+    if url:
+        return f'pip install "pixel-diffusers @ git+{url}"'
+    return "pip install -e path/to/pixel_diffusers  # a clone of its source repository (it is not on a package index)"
+
+
 def _count_parameters(module) -> int | None:
     return sum(p.numel() for p in module.parameters()) if hasattr(module, "parameters") else None
 
@@ -88,7 +106,11 @@ class PixelDiffusersHubMixin:
             base_model=model_card_kwargs.pop("base_model", None),
             tags=["pixel_diffusers", "diffusers", self._pipeline_tag, "pixel-space", type(self).__name__],
         )
+        model = self.components.get("transformer") or self.components.get("unet")
         fields = {
+            "install": install_command(),
+            "model_config": dict(model.config) if model is not None else {},
+            "color_levels": self.config.get("color_levels"),
             "repo_id": repo_id,
             "pipeline_class": type(self).__name__,
             "components": components,

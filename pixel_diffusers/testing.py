@@ -11,12 +11,15 @@ import torch
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
+from .models.transformers.transformer_jit import JiTTransformer2DModel
 from .models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
 from .pipelines.pixel_sdxl.testing_utils import (  # re-exported: the tiny pixel-SDXL pipeline and its CLIP parts
     make_tiny_clip_config,
     make_tiny_clip_tokenizer,
     make_tiny_pixel_sdxl_pipeline,
 )
+from .pipelines.jit.pipeline_jit import JiTPipeline
+from .pipelines.pixeldlm.pipeline_pixeldlm import PixelDLMPipeline
 from .pipelines.pixelhdm.pipeline_pixelhdm import PixelHDMPipeline
 from .schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
 
@@ -63,6 +66,31 @@ def make_tiny_pixelhdm_pipeline(seed: int = 0, solver: str = "heun") -> PixelHDM
         text_encoder=text_encoder,
         tokenizer=make_tiny_tokenizer(),
     )
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Adds N(0, 0.1^2) noise to every parameter, so that zero-initialised output layers do not hide the model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def make_tiny_jit_pipeline(seed: int = 0) -> JiTPipeline:
+    """A `JiTPipeline` with a 16² JiT of 3 classes (two blocks of width 32), random weights from `seed`."""
+    torch.manual_seed(seed)
+    transformer = JiTTransformer2DModel(sample_size=16, patch_size=4, hidden_size=32, num_layers=2, num_attention_heads=2,
+                                        bottleneck_dim=8, num_classes=3, in_context_len=2, in_context_start=1)
+    return JiTPipeline(_perturbed(transformer, seed + 1), PixelFlowMatchScheduler(solver="heun"))
+
+
+def make_tiny_pixeldlm_pipeline(seed: int = 0) -> PixelDLMPipeline:
+    """A `PixelDLMPipeline` with an 8×8 PixelDLM transformer and `make_tiny_tokenizer`, random weights from `seed`."""
+    torch.manual_seed(seed)
+    transformer = JiTTransformer2DModel(architecture="pixeldlm", sample_size=8, patch_size=2, hidden_size=32,
+                                        num_layers=2, num_attention_heads=2)
+    return PixelDLMPipeline(_perturbed(transformer, seed + 1), PixelFlowMatchScheduler(), make_tiny_tokenizer())
 
 
 def seed_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, tree_listing: bool = True) -> str:

@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> TrainingState:
     set_seed(args.seed)
     device = accelerator.device
     pipe = load_pipeline(args)
+    if pipe.unet.config.get("sample_size") is None:  # the saved pipeline generates at the training size by default
+        pipe.unet.register_to_config(sample_size=args.validation_resolution or args.min_resolution)
+        pipe.default_sample_size = pipe.unet.config.sample_size
     pipe.set_progress_bar_config(disable=True)
     unet = pipe.unet.train()
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> TrainingState:
     set_seed(args.seed)  # the same fresh weights on every process and every run
     device = accelerator.device
     pipe = load_pipeline(args)
+    if pipe.transformer.config.get("sample_size") is None:  # the saved pipeline generates at the training size by default
+        pipe.transformer.register_to_config(sample_size=args.validation_resolution or args.min_resolution)
+        pipe.default_sample_size = pipe.transformer.config.sample_size
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer.train()
     pipe.text_encoder.requires_grad_(False).eval().to(device)
