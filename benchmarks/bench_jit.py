@@ -92,10 +92,10 @@ def pixeldlm_generation(dtype_name: str, batch: int, steps: int, repeats: int, d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="PixelDLM sampling steps (upstream's default: 20)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--batch_sizes", "--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--matmul-size", type=int, default=4096)
+    parser.add_argument("--matmul_size", "--matmul-size", type=int, default=4096)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default="benchmarks/results/bench_jit.json")
     args = parser.parse_args()

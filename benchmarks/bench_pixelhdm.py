@@ -133,10 +133,10 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--text-tokens", type=int, default=128, help="prompt length in tokens")
+    parser.add_argument("--text_tokens", "--text-tokens", type=int, default=128, help="prompt length in tokens")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pipeline-resolution", type=int, default=256)
-    parser.add_argument("--pipeline-steps", type=int, default=4)
+    parser.add_argument("--pipeline_resolution", "--pipeline-resolution", type=int, default=256)
+    parser.add_argument("--pipeline_steps", "--pipeline-steps", type=int, default=4)
     parser.add_argument("--output", default="benchmarks/results/bench_pixelhdm.json")
     args = parser.parse_args()
 

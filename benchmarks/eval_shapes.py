@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import pixel_diffusers  # noqa: F401 - registers our pipelines with diffusers
 from diffusers import DiffusionPipeline
@@ -28,6 +29,7 @@ from pixel_diffusers.training_utils import image_grid, shapes
 def generate(pipe, combos, args) -> list:
     class_conditional = "class_labels" in inspect.signature(pipe.__call__).parameters
     images = []
+    progress = tqdm(total=len(combos), unit="image", desc="generating", disable=args.quiet)
     for start in range(0, len(combos), args.batch_size):
         chunk = combos[start : start + args.batch_size]
         kwargs = {
@@ -42,6 +44,8 @@ def generate(pipe, combos, args) -> list:
         else:
             kwargs["prompt"] = [shapes.caption(*combo) for combo in chunk]
         images += pipe(**kwargs).images
+        progress.update(len(chunk))
+    progress.close()
     return images
 
 
@@ -81,17 +85,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=str, default=None, help="Also save the generated images as one PNG grid.")
     parser.add_argument("--output", type=str, default=None, help="Also write the JSON here.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bar (it goes to stderr; the JSON to stdout).")
     args = parser.parse_args(argv)
     if args.num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {args.num_images}.")
 
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images instead (see `generate`)
     class_conditional = "class_labels" in inspect.signature(pipe.__call__).parameters
     combos = shapes.evaluation_prompts(args.num_images, seed=args.seed, include_held_out=not class_conditional)
     images = generate(pipe, combos, args)

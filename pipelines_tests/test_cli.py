@@ -1,8 +1,9 @@
+import pytest
 import torch
 from PIL import Image
 
 from pixel_diffusers import PixelHDMPipeline, PixelHDMTransformer2DModel
-from pixel_diffusers.cli import main
+from pixel_diffusers.cli import error_message, main
 
 from test_convert_pixelhdm import UPSTREAM_CONFIG, reference_model, to_upstream
 
@@ -30,3 +31,31 @@ def test_convert_writes_a_loadable_model(tmp_path):
     converted = PixelHDMTransformer2DModel.from_pretrained(tmp_path / "converted")
     for (name, a), b in zip(converted.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_generate_defaults_to_the_training_resolution_with_underscore_flags(tiny_pipe, tmp_path):
+    tiny_pipe.transformer.register_to_config(sample_size=16)
+    try:
+        tiny_pipe.save_pretrained(tmp_path / "pipe")
+    finally:
+        tiny_pipe.transformer.register_to_config(sample_size=None)
+    main(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out"),
+          "--num_inference_steps", "2", "--guidance_scale", "1.0"])
+    assert Image.open(tmp_path / "out" / "image_000.png").size == (16, 16)
+
+
+def test_errors_are_one_actionable_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "pixel-org/not-in-the-cache", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("pixel-diffusers generate: error: Cannot load 'pixel-org/not-in-the-cache'")
+    assert "could not be reached (OfflineModeIsEnabled" in line
+    hint = error_message(AttributeError("module diffusers has no attribute PixelHDMPipeline"))
+    assert "import pixel_diffusers" in hint and "PixelHDMPipeline" in hint
+
+
+def test_push_to_hub_offline_says_so(tiny_pipe):
+    with pytest.raises(OSError, match="could not be reached .*Nothing was uploaded"):
+        tiny_pipe.push_to_hub("pixel-org/tiny")

@@ -277,3 +277,17 @@ def test_post_hoc_ema(tmp_path):
         post_hoc_ema([paths[0], tmp_path / "other.pt"], tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="must end in .safetensors"):
         post_hoc_ema(paths, tmp_path / "x.pt")
+
+
+def test_post_hoc_ema_of_pipeline_folders_loads_with_from_pretrained(tmp_path):
+    from pixel_diffusers import PixelSDXLPipeline
+    from pixel_diffusers.conversion.post_hoc_ema import post_hoc_ema
+    from pixel_diffusers.pipelines.pixel_sdxl.testing_utils import make_tiny_pixel_sdxl_pipeline
+
+    for seed in (0, 1):
+        make_tiny_pixel_sdxl_pipeline(seed=seed).save_pretrained(tmp_path / f"snapshot{seed}")
+    post_hoc_ema([tmp_path / "snapshot0", tmp_path / "snapshot1"], tmp_path / "ema", mu=1.0)
+    pipe = PixelSDXLPipeline.from_pretrained(tmp_path / "ema")
+    first, second = (PixelSDXLPipeline.from_pretrained(tmp_path / f"snapshot{s}").unet.state_dict() for s in (0, 1))
+    for key, value in pipe.unet.state_dict().items():
+        torch.testing.assert_close(value, (first[key] + second[key]) / 2)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -34,9 +36,9 @@ def _generate(pipeline, prompts, args, output: Path) -> list[Path]:
         negative_prompt=args.negative_prompt,
         height=args.height,
         width=args.width,
-        num_inference_steps=args.steps,
+        num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
-        num_images_per_prompt=args.images_per_prompt,
+        num_images_per_prompt=args.num_images_per_prompt,
         generator=torch.Generator().manual_seed(args.seed),
     ).images
     paths = []
@@ -86,22 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixel-diffusers", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
+    # Flags are spelled as in diffusers' scripts (underscores); the hyphenated spellings are accepted too.
     def add_sampling_arguments(sub, default_prompts, height, steps):
         sub.add_argument("--prompt", nargs="+", default=default_prompts, help="one or more prompts")
-        sub.add_argument("--negative-prompt", default=None)
-        sub.add_argument("--height", type=int, default=height)
-        sub.add_argument("--width", type=int, default=height)
-        sub.add_argument("--steps", type=int, default=steps, help="number of inference steps")
-        sub.add_argument("--guidance-scale", type=float, default=4.0)
-        sub.add_argument("--images-per-prompt", type=int, default=1)
+        sub.add_argument("--negative_prompt", "--negative-prompt", default=None)
+        sub.add_argument("--height", type=int, default=height, help="default: the resolution the model was trained at")
+        sub.add_argument("--width", type=int, default=height, help="default: the resolution the model was trained at")
+        sub.add_argument("--num_inference_steps", "--num-inference-steps", "--steps", type=int, default=steps)
+        sub.add_argument("--guidance_scale", "--guidance-scale", type=float, default=3.0)
+        sub.add_argument("--num_images_per_prompt", "--num-images-per-prompt", "--images-per-prompt", type=int, default=1)
         sub.add_argument("--seed", type=int, default=0)
 
     generate = commands.add_parser("generate", help="generate images with a saved PixelHDM pipeline")
     generate.add_argument("--model", required=True, help="a local pipeline folder or a Hub repo id")
-    generate.add_argument("--output-dir", default="generated")
+    generate.add_argument("--output_dir", "--output-dir", default="generated")
     generate.add_argument("--dtype", choices=DTYPES, default="float32")
     generate.add_argument("--device", default="cpu")
-    add_sampling_arguments(generate, ["a red circle on a blue background"], 512, 30)
+    add_sampling_arguments(generate, ["a red circle on a blue background"], None, 20)
     generate.set_defaults(func=cmd_generate)
 
     add_analytic_subparser(commands)
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="save an untrained tiny PixelHDM pipeline, load it back and generate (offline, seconds)"
     )
-    demo.add_argument("--output-dir", default="demo_output")
+    demo.add_argument("--output_dir", "--output-dir", default="demo_output")
     add_sampling_arguments(
         demo,
         ["a red circle on a blue background", "a green square on a white background",
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     pixelhdm = systems.add_parser("pixelhdm", help="an upstream PixelHDM .pt/.pth/.safetensors checkpoint")
     pixelhdm.add_argument("src", help="the upstream checkpoint file")
     pixelhdm.add_argument("dst", help="the folder to save the converted PixelHDMTransformer2DModel to")
-    pixelhdm.add_argument("--no-ema", action="store_true", help="convert the raw weights instead of the EMA ones")
+    pixelhdm.add_argument("--no_ema", "--no-ema", action="store_true", help="convert the raw weights instead of the EMA ones")
     pixelhdm.add_argument("--preset", default=None, help="the architecture preset when the checkpoint has no config")
     pixelhdm.set_defaults(func=cmd_convert)
     add_pixel_sdxl_converter(systems)
@@ -133,9 +136,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MISSING_CLASS = re.compile(r"module '?diffusers'? has no attribute '?(\w+)'?")
+
+
+def error_message(error: BaseException) -> str:
+    """One line a user can act on, for an error raised by a command."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    missing = _MISSING_CLASS.search(text)
+    if isinstance(error, AttributeError) and missing:
+        return (
+            f"{missing.group(1)} is not a diffusers class: it comes from pixel_diffusers, so run `import "
+            "pixel_diffusers` before `diffusers.DiffusionPipeline.from_pretrained(...)`."
+        )
+    return text if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Runs a command; an error is printed as one line (`PIXEL_DIFFUSERS_TRACEBACK=1` shows the traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
+    except Exception as error:
+        if os.environ.get("PIXEL_DIFFUSERS_TRACEBACK"):
+            raise
+        parser.exit(1, f"{parser.prog} {args.command}: error: {error_message(error)}\n")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,20 @@ def install_command() -> str:
     return "pip install -e path/to/pixel_diffusers  # a clone of its source repository (it is not on a package index)"
 
 
+# Exception classes (by name: they come from httpx, httpcore, socket or huggingface_hub) meaning "no connection".
+_UNREACHABLE = ("OfflineModeIsEnabled", "ConnectError", "ConnectTimeout", "ConnectionError", "gaierror", "Timeout")
+
+
+def unreachable_hub_cause(error: BaseException) -> BaseException | None:
+    """The root "cannot connect" exception behind `error` (offline mode, DNS, refused, timeout), or None."""
+    causes, seen = [], error
+    while seen is not None and len(causes) < 32:
+        causes.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    hits = [c for c in causes if isinstance(c, ConnectionError) or any(n in type(c).__name__ for n in _UNREACHABLE)]
+    return hits[-1] if hits else None
+
+
 def _count_parameters(module) -> int | None:
     return sum(p.numel() for p in module.parameters()) if hasattr(module, "parameters") else None
 
@@ -85,6 +99,22 @@ class PixelDiffusersHubMixin:
 
     _model_card_template: str
     _pipeline_tag = "text-to-image"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`; a Hub id that cannot be fetched because the Hub is unreachable raises an
+        OSError that says so and names the root cause (instead of only "not fully cached locally")."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:
+            cause = unreachable_hub_cause(error)
+            if cause is None or Path(str(pretrained_model_name_or_path)).exists():
+                raise
+            raise OSError(
+                f"Cannot load {str(pretrained_model_name_or_path)!r}: it is not a local folder, it is not in the Hub "
+                f"cache, and the Hugging Face Hub could not be reached ({type(cause).__name__}: {cause}). Check the "
+                "folder path or repo id and the network (with HF_HUB_OFFLINE=1 only cached models load)."
+            ) from error
 
     def model_card(self, repo_id: str, **model_card_kwargs) -> ModelCard:
         """Renders this pipeline's model card for `repo_id` from its template."""
@@ -126,14 +156,24 @@ class PixelDiffusersHubMixin:
 
     def _upload(self, folder, repo_id, token=None, private=None, commit_message=None, create_pr=False, model_card_kwargs=None):
         api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        self.model_card(repo_id, **(model_card_kwargs or {})).save(os.path.join(folder, "README.md"))
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or f"Upload {type(self).__name__}",
-            create_pr=create_pr,
-        )
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            self.model_card(repo_id, **(model_card_kwargs or {})).save(os.path.join(folder, "README.md"))
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                create_pr=create_pr,
+            )
+        except Exception as error:
+            cause = unreachable_hub_cause(error)
+            if cause is None:
+                raise
+            raise OSError(
+                f"Cannot push to the Hub repo {repo_id!r}: the Hugging Face Hub could not be reached "
+                f"({type(cause).__name__}: {cause}). Nothing was uploaded; `save_pretrained(folder)` keeps the "
+                "pipeline locally, and `push_to_hub` can be run again once online."
+            ) from error
 
     def save_pretrained(
         self,

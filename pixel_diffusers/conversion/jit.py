@@ -159,13 +159,20 @@ def _jit_config_from_shapes(state: dict, notes: list[str], overrides: dict) -> d
         head_dim = state["blocks.0.attn.q_norm.weight"].shape[0]
         num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
     except KeyError as error:
-        raise ValueError(f"Cannot infer the JiT config: the checkpoint lacks {error}; pass preset=...") from None
+        raise ValueError(
+            f"Cannot infer the JiT config: the checkpoint lacks {error}; pass preset=... (`--preset NAME` on the "
+            f"command line, one of {sorted(JIT_PRESETS)})"
+        ) from None
     depth = 1 + max(int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key)))
     if num_patches is None:
-        raise ValueError("Cannot infer the JiT image size (no pos_embed in the checkpoint); pass preset=...")
+        raise ValueError(
+            f"Cannot infer the JiT image size (no pos_embed in the checkpoint); pass preset=... (`--preset NAME` on the "
+            f"command line, one of {sorted(JIT_PRESETS)})"
+        )
     if depth not in _IN_CONTEXT_START_BY_DEPTH and "in_context_start" not in overrides:
         raise ValueError(
-            f"Cannot infer in_context_start for depth {depth} (not an upstream size); pass preset=... or in_context_start=..."
+            f"Cannot infer in_context_start for depth {depth} (not an upstream size); pass preset=... (`--preset NAME` "
+            "on the command line) or in_context_start=..."
         )
     in_context = state["in_context_posemb"].shape[1] if "in_context_posemb" in state else 0
     notes.append("config inferred from tensor shapes; in_context_start taken from the upstream size of that depth.")
@@ -358,5 +365,5 @@ def add_subparser(subparsers) -> None:
     pixeldlm = subparsers.add_parser("pixeldlm", help="an upstream PixelDLM checkpoint_epoch_N.pth / best_model.pth")
     pixeldlm.add_argument("src", help="the upstream checkpoint file")
     pixeldlm.add_argument("dst", help="the folder to save the converted JiTTransformer2DModel to")
-    pixeldlm.add_argument("--num-attention-heads", type=int, default=None, help="heads, for a non-preset width")
+    pixeldlm.add_argument("--num_attention_heads", "--num-attention-heads", type=int, default=None, help="heads, for a non-preset width")
     pixeldlm.set_defaults(func=_cmd_convert_pixeldlm)

@@ -473,6 +473,6 @@ def add_subparser(subparsers) -> None:
         help="pixel U-Net configuration for a latent SDXL source (default patch16; pixel checkpoints are detected)",
     )
     parser.add_argument("--tokenizer", default=None, help="CLIP ViT-L tokenizer (folder or Hub id)")
-    parser.add_argument("--tokenizer-2", dest="tokenizer_2", default=None, help="OpenCLIP bigG tokenizer (folder or Hub id)")
+    parser.add_argument("--tokenizer_2", "--tokenizer-2", dest="tokenizer_2", default=None, help="OpenCLIP bigG tokenizer (folder or Hub id)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh patch encoder/decoder")
     parser.set_defaults(func=_run)

@@ -248,7 +248,10 @@ def _config_from_shapes(state: dict, notes: list[str]) -> dict:
 
     def shape(key):
         if key not in state:
-            raise ValueError(f"Cannot infer the config: the checkpoint lacks {key!r}; pass preset=...")
+            raise ValueError(
+                f"Cannot infer the config: the checkpoint lacks {key!r}; pass preset=... (`--preset NAME` on the "
+                f"command line, one of {sorted(PIXELHDM_PRESETS)})"
+            )
         return state[key].shape
 
     hidden, bottleneck = shape("patch_embed.proj_up.weight")

@@ -11,6 +11,7 @@ Inputs are `.safetensors` files or `.pt`/`.pth` files read with `torch.load(weig
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -70,8 +71,8 @@ def post_hoc_ema(sources: list[str | Path], output: str | Path, mu: float = 0.9,
     """Averages `sources` (oldest first) into `output` and returns the weights used.
 
     `sources` are all files (then `output` must end in `.safetensors`) or all `save_pretrained` folders (then
-    `output` is a folder receiving the averaged `*.safetensors` files under the same relative paths; copy the
-    configs alongside to load it).
+    `output` is a folder receiving the averaged `*.safetensors` files under the same relative paths, with every
+    other file of the newest source, configs included, copied alongside: `from_pretrained(output)` loads it).
     """
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}.")
@@ -93,6 +94,11 @@ def post_hoc_ema(sources: list[str | Path], output: str | Path, mu: float = 0.9,
             target = output / name
             target.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.to(SAVE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in averaged.items()}, str(target))
+        for extra in paths[-1].rglob("*"):  # configs, tokenizer files, model_index.json, ...
+            if extra.is_file() and extra.suffix != ".safetensors":
+                target = output / extra.relative_to(paths[-1])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(extra, target)
         return weights
     if any(p.is_dir() for p in paths):
         raise ValueError("`sources` must be all files or all folders, not a mix.")
