@@ -121,19 +121,19 @@ def test_small_pipeline_with_ideal_denoiser_lands_on_training_points(tmp_path):
     roll = Swissroll(math.pi / 2, 5 * math.pi, 50)
     pipe = SmallDiffusionPipeline(IdealDenoiser().fit(roll), GradientEstimationScheduler(schedule="log_linear", gam=2.0))
     pipe.set_progress_bar_config(disable=True)
-    samples = pipe(batch_size=16, num_inference_steps=20, generator=torch.Generator().manual_seed(0)).samples
+    samples = pipe(batch_size=16, num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images
     assert torch.cdist(samples, roll.vals).min(1).values.max() < 0.05
     pipe.save_pretrained(tmp_path)
     loaded = SmallDiffusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    again = loaded(batch_size=16, num_inference_steps=20, generator=torch.Generator().manual_seed(0)).samples
+    again = loaded(batch_size=16, num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(again, samples)
 
 
 def test_small_pipeline_conditional_and_bad_inputs():
     pipe = SmallDiffusionPipeline(ConditionalMLP(num_classes=4).eval(), GradientEstimationScheduler(schedule="log_linear"))
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=3, num_inference_steps=4, class_labels=[0, 1, 2], guidance_scale=2.0).samples
+    out = pipe(batch_size=3, num_inference_steps=4, class_labels=[0, 1, 2], guidance_scale=2.0).images
     assert out.shape == (3, 2)
     for kwargs, name in [({"batch_size": 3}, "class_labels"), ({"batch_size": 2, "class_labels": [0, 1, 2]}, "class_labels"),
                          ({"batch_size": 0}, "batch_size"), ({"batch_size": 3, "class_labels": [0, 1, 2], "output_type": "pil"}, "output_type")]:

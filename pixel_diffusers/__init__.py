@@ -4,6 +4,21 @@ Every public class is imported eagerly: diffusers (0.42) resolves the component 
 `model_index.json` through `sys.modules`, so their modules must be loaded before `from_pretrained` runs.
 """
 
+import logging as _logging
+
+
+class _TorchvisionFallbackNotice(_logging.Filter):
+    """Drops transformers' one-time notice that an image processor falls back to its PIL version without torchvision:
+    diffusers' pipeline modules, which we import, trigger it for CLIP and SigLIP, where a user can do nothing about
+    it. Installed only while this package imports."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_notice_filter = _TorchvisionFallbackNotice()
+_logging.getLogger("transformers.utils.import_utils").addFilter(_notice_filter)
+
 from .hub import register_with_diffusers
 from .models import (
     ConditionalMLP,
@@ -34,6 +49,8 @@ from .pipelines import (
     TextPixelCodec,
 )
 from .schedulers import GradientEstimationScheduler, PixelFlowMatchScheduler
+
+_logging.getLogger("transformers.utils.import_utils").removeFilter(_notice_filter)
 
 __version__ = "0.1.0"
 

@@ -132,12 +132,12 @@ def evaluate(pipeline, dataset, args, num_samples: int = 2000) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     pipeline.set_progress_bar_config(disable=True)
     if isinstance(dataset, Swissroll):
-        samples = pipeline(batch_size=num_samples, num_inference_steps=args.num_inference_steps, generator=generator).samples
+        samples = pipeline(batch_size=num_samples, num_inference_steps=args.num_inference_steps, generator=generator).images
         distance = dataset.distance_to_curve(samples)
         return {"mean_distance_to_spiral": distance.mean().item(), "median_distance": distance.median().item()}
     labels = torch.arange(num_samples) % dataset.num_leaves
     samples = pipeline(batch_size=num_samples, num_inference_steps=args.num_inference_steps, class_labels=labels,
-                       guidance_scale=args.guidance_scale, generator=generator).samples
+                       guidance_scale=args.guidance_scale, generator=generator).images
     on_leaf = dataset.on_leaf(samples, labels)
     near_path = dataset.distance_to_path(samples, labels) < 0.04
     return {"on_requested_leaf": on_leaf.float().mean().item(),

@@ -199,7 +199,14 @@ def make_accelerator(args: argparse.Namespace, project_name: str):
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
         ),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Progress is logged by the main process only; the other processes report warnings and errors (prefixed by
+    # their rank). `PIXEL_DIFFUSERS_LOG_ALL_PROCESSES=1` has every process log everything.
+    every_process = os.environ.get("PIXEL_DIFFUSERS_LOG_ALL_PROCESSES", "") not in ("", "0")
+    logging.basicConfig(
+        format=("" if accelerator.is_main_process else f"[rank {accelerator.process_index}] ")
+        + "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process or every_process else logging.WARNING,
+    )
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -167,7 +167,9 @@ def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None
     if lora:
         save_lora(folder, model)
     else:
-        pipe.to(dtype=SAVE_DTYPES[args.save_precision])
+        for module in pipe.components.values():  # not `pipe.to(dtype)`: diffusers 0.42's ModelMixin.to then warns
+            if isinstance(module, torch.nn.Module):  # "modules ... should be kept in float32: []" for every model
+                torch.nn.Module.to(module, dtype=SAVE_DTYPES[args.save_precision])
         pipe.save_pretrained(folder)
     if grid is not None:
         shutil.copy(grid, folder / "samples.png")
@@ -218,6 +220,8 @@ def sample_validation_grid(pipe, model, ema, args, accelerator, step: int, name:
         ema.copy_to(trainable)
     model.eval()
     resolution = args.validation_resolution or args.min_resolution
+    logger.info("Sampling %d validation images (%s) at %d², %d steps.", len(prompts), name, resolution,
+                args.validation_num_inference_steps)
     try:
         images = pipe(
             prompts, height=resolution, width=resolution, num_inference_steps=args.validation_num_inference_steps,

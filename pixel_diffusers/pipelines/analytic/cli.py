@@ -14,6 +14,7 @@ The config (YAML or JSON)::
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -50,13 +51,14 @@ def run(config: dict) -> dict:
     dataset = AnalyticImageDataset(**data_config)
     channels = data_config.get("channels", 3)
     denoiser = ANALYTIC_DENOISERS[name](sample_size=dataset.resolution, in_channels=channels, **config.get("params", {}))
+    print(f"fitting {name} on {len(dataset)} images of {dataset.resolution}²...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     denoiser.fit(dataset, batch_size=fit_batch_size)
     fit_time = time.perf_counter() - start
 
     sampling = {"num_samples": 8, "batch_size": 8, "num_inference_steps": 10, "seed": 42, **config.get("sampling", {})}
-    pipe = AnalyticDiffusionPipeline(denoiser=denoiser, scheduler=studio_scheduler())
-    pipe.set_progress_bar_config(disable=True)
+    print(f"fitted in {fit_time:.1f} s; sampling {sampling['num_samples']} images", file=sys.stderr, flush=True)
+    pipe = AnalyticDiffusionPipeline(denoiser=denoiser, scheduler=studio_scheduler())  # its progress bar: per batch
     reference = None
     if config.get("reference"):
         from diffusers import UNet2DModel

@@ -18,9 +18,10 @@ OUTPUT_TYPES = ("pt", "np", "pil")
 
 @dataclass
 class SmallDiffusionPipelineOutput(BaseOutput):
-    """``samples``: tensors ``[B, *input_dims]`` (``pt``), a numpy array, or PIL images for image models."""
+    """``images``: the samples as tensors ``[B, *input_dims]`` (``pt``), a numpy array, or PIL images for image models
+    (named as in diffusers' ``ImagePipelineOutput`` for every model, 2-D toys included)."""
 
-    samples: object
+    images: object
 
 
 class SmallDiffusionPipeline(DiffusionPipeline):
@@ -71,4 +72,4 @@ class SmallDiffusionPipeline(DiffusionPipeline):
             samples = self.image_processor.postprocess(x, output_type=output_type) if x.ndim == 4 else x.cpu().numpy()
         if not return_dict:
             return (samples,)
-        return SmallDiffusionPipelineOutput(samples=samples)
+        return SmallDiffusionPipelineOutput(images=samples)
