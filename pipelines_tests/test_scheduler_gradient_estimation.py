@@ -57,7 +57,7 @@ def smalldiffusion_module():
     """smalldiffusion's diffusion module; its package __init__ also imports torchvision, which is not needed here."""
     spec = importlib.util.find_spec("smalldiffusion")
     if spec is None:
-        pytest.skip("smalldiffusion is not installed")
+        pytest.skip("smalldiffusion is not installed (run `pip install smalldiffusion --no-deps` for the parity tests)")
     try:
         return importlib.import_module("smalldiffusion")
     except ImportError:
