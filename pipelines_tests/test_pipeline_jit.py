@@ -101,6 +101,30 @@ def test_guidance_interval_and_scale(transformer):
     assert (run(guidance_scale=4.0) - plain).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("steps, solver, unguided", [(50, "heun", 11), (10, "heun", 3), (10, "euler", 2)])
+def test_guidance_interval_boundary_is_upstreams(transformer, steps, solver, unguided):
+    """Upstream decides the interval (0.1, 1.0) on its float32 times torch.linspace(0, 1, N + 1): at 50 steps its
+    t = 0.1 is 0.09999999 and at 10 steps exactly float32(0.1), so neither call is guided (1 - sigma would be
+    0.10000002 and guide them)."""
+    times = torch.linspace(0.0, 1.0, steps + 1)
+    calls = []  # upstream's model calls: Heun evaluates t and t_next, except in the last step (Euler)
+    for i in range(steps):
+        calls += [times[i], times[i + 1]] if solver == "heun" and i < steps - 1 else [times[i]]
+    expected = [bool(t < 1.0) and bool(t > 0.1) for t in calls]
+    pipe = make(transformer, solver)
+    if steps > 10:  # the decision alone (a 99-call run is slow on CPU); the short runs go through the pipeline
+        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
+        guided = pipe._guided_calls(pipe.scheduler.timesteps, steps, (0.1, 1.0)).tolist()
+    else:
+        guided = []
+        hook = transformer.register_forward_pre_hook(lambda module, args: guided.append(args[0].shape[0] == 2))
+        try:
+            pipe(class_labels=[0], num_inference_steps=steps, guidance_scale=2.0, output_type="latent")
+        finally:
+            hook.remove()
+    assert guided == expected and guided.count(False) == unguided
+
+
 def test_labels_by_name_outputs_and_noise_scale(transformer):
     pipe = make(transformer)
     by_name = pipe(class_labels=["box", "red circle"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images

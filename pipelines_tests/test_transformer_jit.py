@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pixel_diffusers.conversion.jit import add_subparser, convert_jit_checkpoint, convert_pixeldlm_checkpoint
-from pixel_diffusers.models.transformers.transformer_jit import JiTTransformer2DModel, _apply_rope, _rope_angles
+from pixel_diffusers.models.transformers.transformer_jit import JIT_PRESETS, JiTTransformer2DModel, _apply_rope, _rope_angles
 
 TINY_JIT = dict(sample_size=16, patch_size=4, hidden_size=32, num_layers=3, num_attention_heads=2, bottleneck_dim=8,
                 num_classes=4, in_context_len=2, in_context_start=1)
@@ -104,11 +104,32 @@ def test_pixel_decoder_output_range_and_validation():
         JiTTransformer2DModel(**TINY_DLM, use_pixel_decoder=True, pixel_decoder_depth=3)
 
 
+def test_pixel_decoder_range_rule_is_per_sample():
+    """Upstream takes the [-1, 1] -> [0, 1] decision from the batch minimum; ours per sample (see its docstring)."""
+    decoder = randomized(JiTTransformer2DModel(**TINY_DLM, use_pixel_decoder=True, pixel_decoder_depth=2)).pixel_decoder
+    image, features = torch.rand(2, 3, 8, 8), torch.randn(2, 16, 32)
+    image[1] -= 0.5  # a negative minimum in the second sample only
+    alone = decoder(image[:1], features[:1])
+    torch.testing.assert_close(decoder(image, features)[:1], alone, atol=1e-4, rtol=1e-4)  # batched-conv rounding
+    assert not torch.allclose(decoder((image[:1] + 1) / 2, features[:1]), alone)  # the rule engages per sample
+
+
+@pytest.mark.parametrize("depth, dropped", [(3, []), (6, [1, 2]), (8, [2, 3, 4, 5]), (12, [3, 4, 5, 6, 7, 8])])
+def test_dropout_in_upstreams_middle_blocks(depth, dropped):
+    model = JiTTransformer2DModel(**{**TINY_JIT, "num_layers": depth}, dropout=0.2, attention_dropout=0.1)
+    projection = [i for i, block in enumerate(model.blocks)
+                  if {m.p for m in block.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}]
+    attention = [i for i, block in enumerate(model.blocks) if block.attn.dropout == 0.1]
+    assert projection == attention == dropped
+    h = JIT_PRESETS["JiT-H/16"]  # upstream's H recipe: --proj_dropout 0.2, attn_dropout left at 0
+    assert h["dropout"] == 0.2 and h.get("attention_dropout", 0.0) == 0.0
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [({"architecture": "dit"}, "architecture"), ({"sample_size": 18}, "sample_size"),
      ({"hidden_size": 24, "num_attention_heads": 4}, "RoPE"), ({"in_context_start": 3}, "in_context_start"),
-     ({"dropout": 1.0}, "dropout"), ({"use_pixel_decoder": True}, "use_pixel_decoder"), ({"noise_scale": 0}, "noise_scale")],
+     ({"dropout": 1.0}, "dropout"), ({"attention_dropout": -0.1}, "attention_dropout"), ({"use_pixel_decoder": True}, "use_pixel_decoder"), ({"noise_scale": 0}, "noise_scale")],
 )
 def test_config_errors_name_the_argument(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -188,6 +209,28 @@ def test_jit_converter_round_trip_ema_choice_and_strictness(tmp_path):
         convert_jit_checkpoint(tmp_path / "missing.pth")
 
 
+def test_jit_converter_carries_the_training_args_and_any_depth(tmp_path):
+    model = randomized(JiTTransformer2DModel(**TINY_JIT))
+    upstream = _to_upstream_jit(model.state_dict(), model)
+    # A model name that is not a preset (a fork's): the architecture comes from the shapes, the rest from the args.
+    args = argparse.Namespace(model="JiT-T/4", img_size=16, class_num=4, noise_scale=1.0, attn_dropout=0.1,
+                              proj_dropout=0.2)
+    torch.save({"model": upstream, "args": args}, tmp_path / "checkpoint-last.pth")
+    converted, report = convert_jit_checkpoint(tmp_path / "checkpoint-last.pth", weights="model", in_context_start=1)
+    config = converted.config
+    assert (config.noise_scale, config.dropout, config.attention_dropout, config.num_classes) == (1.0, 0.2, 0.1, 4)
+    assert converted.noise_scale == 1.0 and "noise_scale=1.0" in str(report)
+    # Depth 3 is no upstream size: the CLI takes in_context_start for a plain state dict.
+    torch.save(upstream, tmp_path / "plain.pth")
+    parser = argparse.ArgumentParser()
+    add_subparser(parser.add_subparsers(dest="system", required=True))
+    args = parser.parse_args(["jit", str(tmp_path / "plain.pth"), str(tmp_path / "out"), "--in-context-start", "1"])
+    args.func(args)
+    loaded = JiTTransformer2DModel.from_pretrained(tmp_path / "out").eval()
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(loaded(x, 700.0, class_labels=[2]).sample, model(x, 700.0, class_labels=[2]).sample)
+
+
 def _to_upstream_pixeldlm(state):
     upstream = {}
     for key, value in state.items():
@@ -212,10 +255,23 @@ def test_pixeldlm_converter_round_trip(tmp_path, decoder):
     torch.save({"epoch": 3, "model_state_dict": _to_upstream_pixeldlm(model.state_dict()), "loss": 0.1}, path)
     converted, report = convert_pixeldlm_checkpoint(path, num_attention_heads=2)
     assert converted.config.use_pixel_decoder == decoder and converted.config.mlp_ratio == 4.0
+    assert "freq_loss_fn" not in str(report)
     x, cond = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
     torch.testing.assert_close(converted(x, 123.0, condition=cond).sample, model(x, 123.0, condition=cond).sample)
     with pytest.raises(ValueError, match="head count"):
         convert_pixeldlm_checkpoint(path)
+
+
+def test_pixeldlm_converter_drops_the_frequency_loss_buffer(tmp_path):
+    """`train.py --use_freq_loss` (on in upstream's fine-tuning script) saves the loss module's JPEG weight table."""
+    model = randomized(JiTTransformer2DModel(**TINY_DLM))
+    upstream = _to_upstream_pixeldlm(model.state_dict())
+    upstream["module.freq_loss_fn.freq_weights"] = torch.rand(8, 8)
+    torch.save({"epoch": 1, "model_state_dict": upstream}, tmp_path / "checkpoint_epoch_1.pth")
+    converted, report = convert_pixeldlm_checkpoint(tmp_path / "checkpoint_epoch_1.pth", num_attention_heads=2)
+    assert "freq_loss_fn.freq_weights" in str(report) and "training loss" in str(report)
+    x = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(converted(x, 10.0).sample, model(x, 10.0).sample)
 
 
 def test_cli_hook(tmp_path):

@@ -4,12 +4,15 @@
   `net.*`), the EMA parameter dicts `model_ema1` / `model_ema2` and the training `args` (an `argparse.Namespace`,
   the only non-tensor object allowed while reading with `torch.load(weights_only=True)`); or a plain state dict
   (`.pth` or `.safetensors`). Upstream samples from `model_ema1`, our default. The architecture comes from the
-  `args.model` name ("JiT-B/16", ...), else from `preset`, else from the tensor shapes. The fixed sin-cos position
-  table and the RoPE tables are dropped after checking they equal the ones the model computes.
+  `args.model` name ("JiT-B/16", ...), else from `preset`, else from the tensor shapes; the training `args` always
+  give the image size, class count, `noise_scale` and both dropouts (`proj_dropout` -> `dropout`, `attn_dropout` ->
+  `attention_dropout`). The fixed sin-cos position table and the RoPE tables are dropped after checking they equal
+  the ones the model computes.
 * **PixelDLM** (github.com/Decalogue/PixelDLM): a checkpoint `{"model_state_dict", "epoch", ...}` as its `train.py`
   writes (`checkpoint_epoch_N.pth`, `best_model.pth`) or a plain state dict. The architecture (pixel decoder
   included) is read from the tensor shapes; the head count, which no tensor carries, from the width (upstream's
-  presets) or `num_attention_heads`. The sinusoid frequency buffer is dropped after the same check.
+  presets) or `num_attention_heads`. The sinusoid frequency buffer is dropped after the same check, and the buffers of
+  the training loss (`freq_loss_fn.*`, written by `--use_freq_loss`) are dropped as upstream's inference does.
 
 Every other tensor is mapped to one of ours; anything unknown or missing raises a `ValueError` that lists the keys
 (upstream's own inference loads with `strict=False`, which silently leaves random weights on a flag mismatch).
@@ -175,7 +178,8 @@ def _jit_config_from_shapes(state: dict, notes: list[str], overrides: dict) -> d
             "on the command line) or in_context_start=..."
         )
     in_context = state["in_context_posemb"].shape[1] if "in_context_posemb" in state else 0
-    notes.append("config inferred from tensor shapes; in_context_start taken from the upstream size of that depth.")
+    if "in_context_start" not in overrides:
+        notes.append("in_context_start taken from the upstream size of that depth (no tensor stores it).")
     return {
         "sample_size": patch * int(round(num_patches**0.5)),
         "patch_size": patch,
@@ -186,6 +190,24 @@ def _jit_config_from_shapes(state: dict, notes: list[str], overrides: dict) -> d
         "num_classes": num_classes,
         "in_context_len": in_context,
         "in_context_start": _IN_CONTEXT_START_BY_DEPTH.get(depth, 0),
+    }
+
+
+# Upstream `main_jit.py` argument -> our config field (upstream's `Denoiser` passes each to the network or sampler).
+_ARGS_TO_CONFIG = {
+    "img_size": ("sample_size", int),
+    "class_num": ("num_classes", int),
+    "noise_scale": ("noise_scale", float),
+    "proj_dropout": ("dropout", float),
+    "attn_dropout": ("attention_dropout", float),
+}
+
+
+def _config_from_args(args) -> dict:
+    return {
+        field: cast(getattr(args, name))
+        for name, (field, cast) in _ARGS_TO_CONFIG.items()
+        if getattr(args, name, None) is not None
     }
 
 
@@ -231,16 +253,15 @@ def convert_jit_checkpoint(
 
     name = getattr(args, "model", None)
     if name in JIT_PRESETS:
-        config = {**JIT_PRESETS[name], "sample_size": int(getattr(args, "img_size", JIT_PRESETS[name]["sample_size"]))}
-        config["num_classes"] = int(getattr(args, "class_num", 1000))
-        config["dropout"] = float(getattr(args, "attn_dropout", config.get("dropout", 0.0)))
-        if getattr(args, "noise_scale", None) is not None:
-            config["noise_scale"] = float(args.noise_scale)
-        config_source = f"checkpoint args (model={name!r})"
+        config, config_source = dict(JIT_PRESETS[name]), f"checkpoint args (model={name!r})"
     elif preset is not None:
         config, config_source = dict(JIT_PRESETS[preset]), f"preset {preset!r}"
     else:
         config, config_source = _jit_config_from_shapes(state, notes, config_overrides), "inferred from tensor shapes"
+    if args is not None:
+        config.update(_config_from_args(args))
+        if name not in JIT_PRESETS:
+            config_source += f" with the checkpoint args {sorted(_config_from_args(args))}"
     if config_overrides:
         config.update(config_overrides)
         config_source += f" with overrides {sorted(config_overrides)}"
@@ -291,6 +312,9 @@ def convert_pixeldlm_checkpoint(
     else:
         raise ValueError(f"The checkpoint holds no 'model_state_dict' and is not a state dict; keys: {sorted(obj)}.")
     state = _strip(dict(state), notes)
+    loss_buffers = sorted(key for key in state if key.startswith("freq_loss_fn."))
+    for key in loss_buffers:
+        del state[key]
 
     try:
         hidden, patch_dim = state["patch_embed.weight"].shape
@@ -321,6 +345,11 @@ def convert_pixeldlm_checkpoint(
         half = hidden // 2
         freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
         _check_derived(state, "time_embed.emb", freqs, dropped)
+    dropped_reasons = {}
+    if dropped:
+        dropped_reasons["time sinusoid frequencies the model computes (values checked)"] = dropped
+    if loss_buffers:
+        dropped_reasons["buffers of the frequency-aware training loss, not part of the model"] = loss_buffers
     last = f"pixel_decoder.decoder.{decoder_depth - 1}."
     mapped = {}
     for key in state:
@@ -334,14 +363,15 @@ def convert_pixeldlm_checkpoint(
         config_source="inferred from tensor shapes",
         config={k: v for k, v in model.config.items() if not k.startswith("_")},
         mapped=mapped,
-        dropped={"time sinusoid frequencies the model computes (values checked)": dropped} if dropped else {},
+        dropped=dropped_reasons,
         notes=notes,
     )
     return model, report
 
 
 def _cmd_convert_jit(args) -> None:
-    model, report = convert_jit_checkpoint(args.src, weights=args.weights, preset=args.preset)
+    overrides = {} if args.in_context_start is None else {"in_context_start": args.in_context_start}
+    model, report = convert_jit_checkpoint(args.src, weights=args.weights, preset=args.preset, **overrides)
     model.save_pretrained(args.dst)
     print(report)
     print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.dst}")
@@ -361,6 +391,10 @@ def add_subparser(subparsers) -> None:
     jit.add_argument("dst", help="the folder to save the converted JiTTransformer2DModel to")
     jit.add_argument("--weights", choices=("ema1", "ema2", "model"), default="ema1")
     jit.add_argument("--preset", default=None, choices=sorted(JIT_PRESETS), help="architecture when the file has no args")
+    jit.add_argument(
+        "--in-context-start", type=int, default=None,
+        help="block the class tokens enter at, for a depth other than upstream's 12/24/32/40 (no tensor stores it)",
+    )
     jit.set_defaults(func=_cmd_convert_jit)
     pixeldlm = subparsers.add_parser("pixeldlm", help="an upstream PixelDLM checkpoint_epoch_N.pth / best_model.pth")
     pixeldlm.add_argument("src", help="the upstream checkpoint file")

@@ -50,8 +50,8 @@ _L = {"hidden_size": 1024, "num_layers": 24, "num_attention_heads": 16, "bottlen
 _H = {"hidden_size": 1280, "num_layers": 32, "num_attention_heads": 16, "bottleneck_dim": 256, "in_context_start": 10}
 _G = {"hidden_size": 1664, "num_layers": 40, "num_attention_heads": 16, "bottleneck_dim": 256, "in_context_start": 10}
 
-# Paper Tab. 9 / official `model_jit.py` (the code defines B, L and H; G from the paper). H and G train with dropout
-# 0.2 in the middle half of the blocks. "/16" models are for 256 x 256, "/32" for 512 x 512, "/64" for 1024 x 1024.
+# Paper Tab. 9 / official `model_jit.py` (the code defines B, L and H; G from the paper). H and G train with projection
+# dropout 0.2 (upstream's `--proj_dropout 0.2`, attention dropout 0) in the middle half of the blocks. "/16" models are for 256 x 256, "/32" for 512 x 512, "/64" for 1024 x 1024.
 JIT_PRESETS: dict[str, dict] = {
     "JiT-B/16": {**_B, "sample_size": 256, "patch_size": 16},
     "JiT-B/32": {**_B, "sample_size": 512, "patch_size": 32},
@@ -172,10 +172,11 @@ class JiTAttention(nn.Module, AttentionModuleMixin):
     _available_processors = [JiTAttnProcessor]
     _supports_qkv_fusion = False
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool, qk_norm: bool, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, qk_norm: bool, dropout: float = 0.0,
+                 attention_dropout: float = 0.0):
         super().__init__()
         self.heads = heads
-        self.dropout = dropout
+        self.dropout = attention_dropout  # on the attention probabilities; `dropout` on the output projection
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.norm_q = RMSNorm(dim // heads, eps=1e-6) if qk_norm else None
         self.norm_k = RMSNorm(dim // heads, eps=1e-6) if qk_norm else None
@@ -208,10 +209,11 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 class JiTBlock(nn.Module):
     """JiT block with AdaLN-Zero: x += gate * sublayer(RMSNorm(x) * (1 + scale) + shift), for attention and MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, attention_dropout: float):
         super().__init__()
         self.norm1 = RMSNorm(dim, eps=1e-6)
-        self.attn = JiTAttention(dim, heads, qkv_bias=True, qk_norm=True, dropout=dropout)
+        self.attn = JiTAttention(dim, heads, qkv_bias=True, qk_norm=True, dropout=dropout,
+                                 attention_dropout=attention_dropout)
         self.norm2 = RMSNorm(dim, eps=1e-6)
         self.mlp = JiTFeedForward(dim, int(int(dim * mlp_ratio) * 2 / 3), dropout)
         self.adaln = nn.Linear(dim, 6 * dim)
@@ -244,7 +246,7 @@ class PixelDLMBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
         super().__init__()
         self.adaln = PixelDLMAdaLN(dim)
-        self.attn = JiTAttention(dim, heads, qkv_bias=False, qk_norm=False, dropout=dropout)
+        self.attn = JiTAttention(dim, heads, qkv_bias=False, qk_norm=False, dropout=dropout, attention_dropout=dropout)
         self.mlp = JiTFeedForward(dim, int(dim * mlp_ratio), dropout)
 
     def forward(self, hidden_states, cond_act, rotary_emb=None, key_mask=None) -> torch.Tensor:
@@ -267,8 +269,11 @@ class PixelDLMPixelDecoder(nn.Module):
     """PixelDLM's optional U-Net refiner (DiP-style): the transformer's target features, projected and laid out on the
     patch grid, are concatenated at the deepest level (which must have the patch grid's size).
 
-    Kept exactly as upstream for checkpoint compatibility, including its data-dependent range handling: the input is
-    mapped from [-1, 1] to [0, 1] when its minimum is negative, and so is the tanh output, which is then clamped."""
+    Layers as upstream (checkpoint compatible), and so is its data-dependent range handling: the input is mapped from
+    [-1, 1] to [0, 1] when its minimum is negative, and so is the tanh output, which is then clamped. Deliberate
+    difference: we take that minimum per sample, upstream over the whole batch, where one sample's output would depend
+    on the others it is batched with (other prompts, guidance's unconditional half). Upstream's inference decodes one
+    prompt at a time, where both agree; only upstream's batched training differs, for batches that mix both cases."""
 
     def __init__(self, channels: int, cond_dim: int, depth: int, base_channels: int = 64):
         super().__init__()
@@ -320,7 +325,11 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
         bottleneck_dim: JiT's patch-embedding bottleneck width (ignored by PixelDLM).
         num_classes: JiT's number of classes; label `num_classes` is the null class of classifier-free guidance.
         in_context_len, in_context_start: JiT's number of prepended class tokens and the block they enter at.
-        dropout: attention and projection dropout (JiT: only in blocks `num_layers // 4 <= i < 3 * num_layers // 4`).
+        dropout: JiT: dropout on the attention output projection and the SwiGLU hidden layer (upstream's
+            `proj_dropout`); PixelDLM: on the attention probabilities, projection and MLP hidden layer.
+        attention_dropout: JiT's dropout on the attention probabilities (upstream's `attn_dropout`). JiT applies
+            both only in the middle half of the blocks, `num_layers // 4 <= i < num_layers // 4 * 3` (upstream's
+            bounds: depth 6 drops out in blocks 1 and 2).
         rope_theta: JiT's RoPE frequency base.
         use_pixel_decoder, pixel_decoder_depth: PixelDLM's optional U-Net refiner.
         id2label: optional class names `{id: name}` (JiT), used by `JiTPipeline` to accept names as labels.
@@ -353,6 +362,7 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
         in_context_len: int = 32,
         in_context_start: int = 4,
         dropout: float = 0.0,
+        attention_dropout: float = 0.0,
         rope_theta: float = 10000.0,
         use_pixel_decoder: bool = False,
         pixel_decoder_depth: int = 3,
@@ -378,9 +388,12 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
             self.class_embed = nn.Embedding(num_classes + 1, dim)
             if in_context_len > 0:
                 self.in_context_pos_embed = nn.Parameter(torch.zeros(1, in_context_len, dim))
-            lo, hi = num_layers // 4, 3 * num_layers // 4
+            lo, hi = num_layers // 4, num_layers // 4 * 3
             self.blocks = nn.ModuleList(
-                [JiTBlock(dim, num_attention_heads, mlp_ratio, dropout if lo <= i < hi else 0.0) for i in range(num_layers)]
+                [
+                    JiTBlock(dim, num_attention_heads, mlp_ratio, *((dropout, attention_dropout) if lo <= i < hi else (0.0, 0.0)))
+                    for i in range(num_layers)
+                ]
             )
             self.norm_out = RMSNorm(dim, eps=1e-6)
             self.adaln_out = nn.Linear(dim, 2 * dim)
@@ -647,8 +660,9 @@ def _validate_config(**cfg) -> None:
         value = cfg[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number; got {value!r}.")
-    if not (isinstance(cfg["dropout"], (int, float)) and 0.0 <= cfg["dropout"] < 1.0):
-        raise ValueError(f"dropout must be a number in [0, 1); got {cfg['dropout']!r}.")
+    for name in ("dropout", "attention_dropout"):
+        if isinstance(cfg[name], bool) or not (isinstance(cfg[name], (int, float)) and 0.0 <= cfg[name] < 1.0):
+            raise ValueError(f"{name} must be a number in [0, 1); got {cfg[name]!r}.")
     noise_scale = cfg["noise_scale"]
     if noise_scale is not None and (isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or noise_scale <= 0):
         raise ValueError(f"noise_scale must be None or a number > 0; got {noise_scale!r}.")

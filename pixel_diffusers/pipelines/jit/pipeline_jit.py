@@ -121,6 +121,23 @@ class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
         `prediction_type` expect `flow_prediction`, `noise - x0 = (sample - x0) / sigma`)."""
         return x0_to_prediction(self.scheduler, x0, sample, sigma)
 
+    def _guided_calls(self, timesteps: torch.Tensor, grid_steps: int | None, guidance_interval) -> torch.Tensor:
+        """Which model calls are inside the guidance interval, decided as upstream does: on JiT's time t as a float32
+        tensor, `t < hi and (lo == 0 or t > lo)` with the bounds rounded to float32. On the default grid of
+        `grid_steps` steps, t is upstream's `torch.linspace(0, 1, grid_steps + 1)` entry (at 50 steps its t = 0.1 is
+        0.09999999, outside (0.1, 1.0), where `1 - sigma` would give 0.10000002); elsewhere t = 1 - sigma in float32."""
+        times = 1.0 - timesteps.detach().float().cpu() / self.scheduler.config.num_train_timesteps
+        if grid_steps is not None:
+            index = (times * grid_steps).round()
+            on_grid = (times * grid_steps - index).abs() < 1e-3  # not e.g. dpmpp_2s's midpoints
+            upstream = torch.linspace(0.0, 1.0, grid_steps + 1)
+            times = torch.where(on_grid, upstream[index.long().clamp(0, grid_steps)], times)
+        if guidance_interval is None:
+            return torch.ones_like(times, dtype=torch.bool)
+        low, high = guidance_interval
+        inside = times < high
+        return inside if low == 0 else inside & (times > low)
+
     @property
     def guidance_scale(self):
         return self._guidance_scale
@@ -172,7 +189,8 @@ class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
             guidance_scale (`float`, defaults to 3.0): classifier-free guidance scale w (official evaluation: B 3.0,
                 L 2.4, H 2.2 at 256x256); 1 disables guidance.
             guidance_interval (`(t_low, t_high)`, defaults to (0.1, 1.0)): apply guidance only where
-                `t_low < t < t_high` in JiT's time t = 1 - sigma (`t_low = 0` includes t = 0); None: everywhere.
+                `t_low < t < t_high` in JiT's time t = 1 - sigma (`t_low = 0` includes t = 0), on upstream's float32
+                values of t (so the default 50 steps guide the same model calls as upstream); None: everywhere.
             num_images_per_prompt (`int`, defaults to 1): images per class label.
             generator, latents: randomness, or the initial noise (batch, 3, S, S) at sigma = 1 (std `transformer.noise_scale`).
             output_type (`str`, defaults to "pil"): "pil", "np", "pt" (in [0, 1]) or "latent" (the raw [-1, 1]
@@ -206,11 +224,14 @@ class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
         latents = latents.to(device=device, dtype=torch.float32)
 
         own_grid = self.scheduler.config.get("time_grid", "linear") != "linear"  # karras, log-SNR, calibrated
+        steps = num_inference_steps
         timesteps, num_inference_steps = retrieve_flow_timesteps(
             self.scheduler, num_inference_steps, device, sigmas=sigmas,  # the native grid unless the scheduler has its own
             default_sigmas=None if sigmas is not None or own_grid
             else np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps),
         )
+        default_grid = sigmas is None and not own_grid
+        guided_calls = self._guided_calls(timesteps, steps if default_grid else None, guidance_interval)
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
@@ -221,11 +242,7 @@ class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
                 if self.interrupt:
                     continue
                 sigma = current_sigma(self.scheduler, t)
-                jit_t = 1.0 - sigma.item()
-                guided = self.do_classifier_free_guidance and (
-                    guidance_interval is None
-                    or (jit_t < guidance_interval[1] and (guidance_interval[0] == 0 or jit_t > guidance_interval[0]))
-                )
+                guided = self.do_classifier_free_guidance and bool(guided_calls[i])
                 model_input = latents.to(self.transformer.dtype)
                 model_labels = labels
                 if guided:

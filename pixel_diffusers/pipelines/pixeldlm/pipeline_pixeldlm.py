@@ -73,8 +73,9 @@ class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
     `sigma = t / 1000`. We run the deterministic DDIM sampler of that process: start from `N(0, I)` at sigma = 0.999
     (t = 999), ask the model for x0 at each sigma of `0.999 * (1, 1 - 1/N, ..., 1/N)` and move along the straight line
     `x' = x0 + (sigma' / sigma)(x - x0)` (DDIM's update here, and exactly the flow Euler step), the last step landing
-    on x0. Upstream instead tells the model t = 0, 1, ..., N-1 (almost clean) while feeding it noise, raises the noise
-    fraction from 0 to 0.95 with fresh noise at every step and returns unclamped values.
+    on x0. Upstream instead tells the model t = 0, 1, ..., N-1 (almost clean) while feeding it noise, re-noises with
+    fresh noise at every step but the last, its noise fraction i/N rising from 0 to (N-2)/N (0.90 at its 20 steps),
+    and returns unclamped values.
 
     Classifier-free guidance `x0_u + w (x0_c - x0_u)` (the unconditional pass masks the whole condition) needs a model
     trained with condition dropout (ours: `training/train_pixeldlm.py --condition_dropout`); upstream never drops the
