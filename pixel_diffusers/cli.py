@@ -11,6 +11,7 @@ from pathlib import Path
 from .conversion.jit import add_subparser as add_jit_converters
 from .conversion.pixel_sdxl import add_subparser as add_pixel_sdxl_converter
 from .conversion.post_hoc_ema import add_subparser as add_post_hoc_ema_subparser
+from .conversion.smalldiffusion import add_subparser as add_smalldiffusion_converter
 from .pipelines.analytic.cli import add_subparser as add_analytic_subparser
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     pixelhdm.set_defaults(func=cmd_convert)
     add_pixel_sdxl_converter(systems)
     add_jit_converters(systems)
+    add_smalldiffusion_converter(systems)
     add_post_hoc_ema_subparser(commands)
     return parser
 

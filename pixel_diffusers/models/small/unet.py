@@ -28,16 +28,20 @@ class _ResnetBlock(nn.Module):
 
 
 class _AttnBlock(nn.Module):
+    """Single-head self-attention over the H * W positions: token-wise qkv (no bias) and output Linears, as
+    smalldiffusion's `Attention`, then its 1 x 1 conv `proj_out` and the residual."""
+
     def __init__(self, channels):
         super().__init__()
         self.norm = _norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+        self.qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.proj = nn.Linear(channels, channels)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)
-        out = nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        q, k, v = self.qkv(self.norm(x).flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+        out = self.proj(nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0])
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
 
@@ -45,7 +49,9 @@ class SmallUNet(SmallDiffusionModel):
     """U-Net: ``num_res_blocks`` residual blocks per level (attention at ``attn_resolutions``), stride-2 conv down,
     nearest x2 + conv up, a Res-Attn-Res middle, skip concatenations, GroupNorm-SiLU-conv out.
 
-    The CIFAR-10 setting (``ch=128, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,)``) is the DDPM topology.
+    The CIFAR-10 setting (``ch=128, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,)``) is the DDPM topology
+    (36,071,939 parameters, as smalldiffusion's ``Unet``). Channel counts that are not multiples of 32 use 8 or 1
+    GroupNorm groups (upstream supports multiples of 32 only).
 
     Args:
         in_dim (`int`): image size. in_ch / out_ch (`int`): channels. ch (`int`, 128), ch_mult (`tuple`, (1, 2, 2, 2)),
