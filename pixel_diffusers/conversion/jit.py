@@ -392,7 +392,7 @@ def add_subparser(subparsers) -> None:
     jit.add_argument("--weights", choices=("ema1", "ema2", "model"), default="ema1")
     jit.add_argument("--preset", default=None, choices=sorted(JIT_PRESETS), help="architecture when the file has no args")
     jit.add_argument(
-        "--in-context-start", type=int, default=None,
+        "--in_context_start", "--in-context-start", type=int, default=None,
         help="block the class tokens enter at, for a depth other than upstream's 12/24/32/40 (no tensor stores it)",
     )
     jit.set_defaults(func=_cmd_convert_jit)

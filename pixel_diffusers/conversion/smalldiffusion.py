@@ -269,13 +269,13 @@ def add_subparser(subparsers) -> None:
     sub = subparsers.add_parser("smalldiffusion", help="a smalldiffusion model's state dict (torch.save / safetensors)")
     sub.add_argument("src", help="the saved state dict")
     sub.add_argument("dst", help="the folder to save the converted model to")
-    sub.add_argument("--model-type", choices=MODEL_TYPES, default=None, help="default: read from the keys")
-    sub.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+    sub.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default=None, help="default: read from the keys")
+    sub.add_argument("--prediction_type", "--prediction-type", choices=PREDICTION_TYPES, default=None,
                      help="upstream's modifier: x0 = PredX0, v = PredV, flow = PredFlow (default epsilon; flow for a "
                           "DiT with the TimestepEmbedder)")
     sub.add_argument("--scaled", action="store_true", help="the model was wrapped in upstream's Scaled")
-    sub.add_argument("--num-heads", type=int, default=None, help="DiT's head count (required for a DiT)")
-    sub.add_argument("--in-dim", type=int, default=None, help="the U-Net's image size (required for a Unet)")
-    sub.add_argument("--dropout-prob", type=float, default=None, help="label dropout of a conditional model (0.1)")
+    sub.add_argument("--num_heads", "--num-heads", type=int, default=None, help="DiT's head count (required for a DiT)")
+    sub.add_argument("--in_dim", "--in-dim", type=int, default=None, help="the U-Net's image size (required for a Unet)")
+    sub.add_argument("--dropout_prob", "--dropout-prob", type=float, default=None, help="label dropout of a conditional model (0.1)")
     sub.add_argument("--dropout", type=float, default=None, help="the U-Net's dropout (0.1)")
     sub.set_defaults(func=_cmd_convert)
