@@ -150,11 +150,11 @@ def test_train_small_swissroll_learns_and_resumes(tmp_path):
     train_small = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_small)
     argv = ["--data", "swissroll", "--batch_size", "100", "--checkpointing_steps", "100", "--lr_scheduler", "cosine",
-            "--output_dir", str(tmp_path)]
+            "--output_dir", str(tmp_path), "--report_to", "none"]
     train_small.main(argv + ["--max_train_steps", "100"])
     train_small.main(argv + ["--max_train_steps", "200", "--resume_from_checkpoint", "latest"])
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1].endswith("200")
-    pipe = SmallDiffusionPipeline.from_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*"))[-1].endswith("200")
+    pipe = SmallDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     roll = Swissroll(math.pi / 2, 5 * math.pi, 100)
     args = train_small.parse_args(argv + ["--num_inference_steps", "10"])
     trained = train_small.evaluate(pipe, roll, args, num_samples=500)["mean_distance_to_spiral"]

@@ -38,12 +38,12 @@ from pixel_diffusers.training_utils import (
     build_image_batches,
     build_optimizer,
     flow_loss_weights,
-    log_sample_grid,
     lr_scheduler_from_args,
     make_accelerator,
     parse_args,
     resolve_training_length,
     sample_flow_sigmas,
+    sample_validation_grid,
     save_final_outputs,
     shapes,
 )
@@ -96,21 +96,10 @@ def load_pipeline(args) -> JiTPipeline:
     return JiTPipeline(transformer, PixelFlowMatchScheduler(solver="heun", prediction_type="flow_prediction"))
 
 
-@torch.no_grad()
 def sample_grid(pipe, model, ema, args, accelerator, step: int, name: str):
     """One image per class (up to 16) with the current (EMA) weights."""
-    parameters = list(model.parameters())
-    if ema is not None:
-        ema.store(parameters)
-        ema.copy_to(parameters)
-    model.eval()
     labels = list(range(min(16, model.config.num_classes)))
-    images = pipe(class_labels=labels, num_inference_steps=args.validation_num_inference_steps,
-                  guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(args.seed)).images
-    model.train()
-    if ema is not None:
-        ema.restore(parameters)
-    return log_sample_grid(accelerator, images, args.output_dir, step, name)
+    return sample_validation_grid(pipe, model, ema, args, accelerator, step, name, class_labels=labels)
 
 
 def main(argv: list[str] | None = None):
@@ -135,7 +124,7 @@ def main(argv: list[str] | None = None):
     processes = accelerator.num_processes
     batches, dataset = build_image_batches(args, processes, accelerator.process_index)
     resolve_training_length(args, batches)
-    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator)
     run = TrainingRun.prepare(accelerator, args, transformer, optimizer, lr_scheduler, batches, dataset)
     transformer, model, ema = run.model, run.unwrapped, run.ema
 
@@ -155,16 +144,16 @@ def main(argv: list[str] | None = None):
         denominator = (1 - t4).clamp(min=args.t_eps)
         error = (((x_pred - z) / denominator - (x - z) / denominator) ** 2).mean(dim=(1, 2, 3))
         loss = (flow_loss_weights(args.weighting_scheme, sigmas).to(device) * error).mean()
-        accelerator.backward(loss / args.gradient_accumulation_steps)
+        accelerator.backward(loss)
         return {"loss": loss.detach(), "images": len(x)}
 
     run.train(
         accelerator, args, batches, micro_step, [p for p in transformer.parameters() if p.requires_grad],
         validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
     )
-    if accelerator.is_main_process:
-        grid = sample_grid(pipe, model, ema, args, accelerator, run.state.step, "final")
-        folder = save_final_outputs(pipe, "transformer", model, ema, args, grid, save_lora=None)
+    grid = sample_grid(pipe, model, ema, args, accelerator, run.state.step, "final")
+    folder = save_final_outputs(pipe, "transformer", model, ema, args, grid, None, accelerator=accelerator)
+    if folder is not None:
         logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, run.state.step,
                     run.state.images_seen, run.state.skipped_files)
     accelerator.wait_for_everyone()

@@ -45,6 +45,7 @@ from pixel_diffusers.models.unets.unet_pixel_sdxl import PIXEL_SDXL_PRESETS, Pix
 from pixel_diffusers.pipelines.pixel_sdxl.pipeline_pixel_sdxl import PixelSDXLPipeline
 from pixel_diffusers.schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
 from pixel_diffusers.training_utils import (
+    Engine,
     SDXLTeacher,
     TrainingRun,
     TrainingState,
@@ -145,6 +146,12 @@ def main(argv: list[str] | None = None) -> TrainingState:
     if args.stage != "train" and args.unet_config and args.unet_config.get("encoder_decoder_type") == "conv":
         raise ValueError("The distillation stages train the default patch encoder/decoder, not the conv ones.")
     accelerator = make_accelerator(args, "train_pixel_sdxl")
+    engine = Engine.of(accelerator)
+    if args.stage != "train" and engine.shards_parameters:
+        raise ValueError(
+            f"--stage {args.stage} runs the U-Net's patch coders outside its forward, where {engine.name} cannot "
+            "gather their sharded weights; distil with DDP or ZeRO-1/2 (only the small coders train)."
+        )
     set_seed(args.seed)
     device = accelerator.device
     pipe = load_pipeline(args)
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
     processes = accelerator.num_processes
     batches, dataset = build_image_batches(args, processes, accelerator.process_index)
     resolve_training_length(args, batches)
-    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator)
 
     run = TrainingRun.prepare(accelerator, args, unet, optimizer, lr_scheduler, batches, dataset)
     unet, model, ema, state = run.model, run.unwrapped, run.ema, run.state
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
                     perceptual = lpips_model(half[0].float(), half[1].float()).view(-1)
                     terms["lpips_loss"] = args.lpips_weight * ((1 - sigmas) * perceptual).mean()
         loss = sum(terms.values())
-        accelerator.backward(loss / args.gradient_accumulation_steps)
+        accelerator.backward(loss)
         return {name: value.detach() for name, value in terms.items()} | {"loss": loss.detach(), "images": batch_size}
 
     trainable = [p for p in unet.parameters() if p.requires_grad]
@@ -226,27 +233,27 @@ def main(argv: list[str] | None = None) -> TrainingState:
         accelerator, args, batches, micro_step, trainable,
         validate=lambda step: sample_validation_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
     )
-    if accelerator.is_main_process:
-        save_outputs(pipe, model, ema, args, accelerator, state)
+    save_outputs(pipe, model, ema, args, accelerator, state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return state
 
 
 def save_outputs(pipe, model, ema, args, accelerator, state) -> None:
-    """Writes the final pipeline (or LoRA) and a sample grid; pushes them when asked."""
+    """Writes the final pipeline (or LoRA) and a sample grid (every process takes part, the main one writes); pushes
+    them when asked."""
     grid = sample_validation_grid(pipe, model, ema, args, accelerator, state.step, "final")
     card = {}
     if grid is not None:
         resolution = args.validation_resolution or args.min_resolution
         card = {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
 
-    def save_lora(folder, lora_model):
-        from peft.utils import get_peft_model_state_dict
+    def save_lora(folder, lora_state_dict):
+        PixelSDXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_dict)
 
-        PixelSDXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(lora_model))
-
-    folder = save_final_outputs(pipe, "unet", model, ema, args, grid, save_lora, card)
+    folder = save_final_outputs(pipe, "unet", model, ema, args, grid, save_lora, card, accelerator)
+    if folder is None:
+        return
     logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, state.step, state.images_seen,
                 state.skipped_files)
 

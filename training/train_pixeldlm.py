@@ -43,6 +43,7 @@ from pixel_diffusers.training_utils import (
     add_validation_args,
     addition_pairs,
     build_optimizer,
+    ema_weights,
     exact_match,
     lr_scheduler_from_args,
     make_accelerator,
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
     batches = TextItemBatches(items, pipe.codec, pipe.tokenizer, args.train_batch_size, args.seed, processes,
                               accelerator.process_index, num_unreadable=skipped)
     resolve_training_length(args, batches)
-    lr_scheduler = lr_scheduler_from_args(args, optimizer, processes)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator)
     run = TrainingRun.prepare(accelerator, args, transformer, optimizer, lr_scheduler, batches, dataset=batches)
     transformer, model, ema = run.model, run.unwrapped, run.ema
 
@@ -150,21 +151,17 @@ def main(argv: list[str] | None = None) -> TrainingState:
         mask = batch["text_mask"]
         weight = (mask + args.pad_loss_weight * (1 - mask)).to(device)[:, None].expand_as(prediction)
         loss = (weight * (prediction - target.to(device)) ** 2).sum() / weight.sum().clamp(min=1)
-        accelerator.backward(loss / args.gradient_accumulation_steps)
+        accelerator.backward(loss)
         return {"loss": loss.detach(), "images": len(target)}
 
     def validate(step: int) -> float | None:
+        """Exact match with the EMA weights, decoded on every process (a sharded model answers collectively)."""
         if not pairs:
             return None
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if ema is not None:
-            ema.store(trainable)
-            ema.copy_to(trainable)
         model.eval()
-        accuracy = exact_match(pipe, pairs, args.validation_num_inference_steps, seed=args.seed)
+        with ema_weights(ema):
+            accuracy = exact_match(pipe, pairs, args.validation_num_inference_steps, seed=args.seed)
         model.train()
-        if ema is not None:
-            ema.restore(trainable)
         accelerator.log({"exact_match": accuracy}, step=step)
         logger.info("step %d: exact-match accuracy %.3f on %d prompt/answer items", step, accuracy, len(pairs))
         return accuracy
@@ -172,11 +169,12 @@ def main(argv: list[str] | None = None) -> TrainingState:
     logger.info("Training on %d items (%d skipped).", len(items), skipped)
     run.train(accelerator, args, batches, micro_step, [p for p in transformer.parameters() if p.requires_grad],
               validate=validate)
-    if accelerator.is_main_process:
-        accuracy = validate(run.state.step)  # with the EMA weights, as saved
+    accuracy = validate(run.state.step)  # with the EMA weights, as saved
+    folder = save_final_outputs(pipe, "transformer", model, ema, args, None, None, {"exact_match": accuracy},
+                                accelerator)
+    if folder is not None:
         result = {"step": run.state.step, "exact_match": accuracy, "num_items": len(pairs)}
         (Path(args.output_dir) / "exact_match.json").write_text(json.dumps(result))
-        save_final_outputs(pipe, "transformer", model, ema, args, None, None, {"exact_match": accuracy})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run.state

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
     )
     batches, dataset = build_image_batches(args, accelerator.num_processes, accelerator.process_index)
     resolve_training_length(args, batches)
-    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator)
 
     run = TrainingRun.prepare(
         accelerator, args, transformer, optimizer, lr_scheduler, batches, dataset,
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
         if args.gamma_l2_weight > 0:
             terms["gamma_l2"] = args.gamma_l2_weight * output.gamma_l2.float()
         loss = sum(terms.values())
-        accelerator.backward(loss / args.gradient_accumulation_steps)
+        accelerator.backward(loss)
         return {name: value.detach() for name, value in terms.items()} | {"loss": loss.detach(), "images": len(pixels)}
 
     trainable = [p for p in transformer.parameters() if p.requires_grad]
@@ -199,15 +199,16 @@ def main(argv: list[str] | None = None) -> TrainingState:
             pipe, model, ema, args, accelerator, step, f"step-{step}", max_sequence_length=args.max_sequence_length
         ),
     )
-    if accelerator.is_main_process:
-        save_outputs(pipe, model, ema, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator, state)
+    save_outputs(pipe, model, ema, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator, run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return state
 
 
-def save_outputs(pipe, model, ema, repa_loss, args, accelerator, state) -> None:
-    """Writes the final pipeline (or LoRA), the REPA projector and a sample grid; pushes them when asked."""
+def save_outputs(pipe, model, ema, repa_loss, args, accelerator, run) -> None:
+    """Writes the final pipeline (or LoRA), the REPA projector and a sample grid (every process takes part, the main
+    one writes); pushes them when asked."""
+    state = run.state
     grid = sample_validation_grid(
         pipe, model, ema, args, accelerator, state.step, "final", max_sequence_length=args.max_sequence_length
     )
@@ -216,15 +217,16 @@ def save_outputs(pipe, model, ema, repa_loss, args, accelerator, state) -> None:
         resolution = args.validation_resolution or args.min_resolution
         card = {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
 
-    def save_lora(folder, lora_model):
-        from peft.utils import get_peft_model_state_dict
+    def save_lora(folder, lora_state_dict):
+        PixelHDMPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict)
 
-        PixelHDMPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(lora_model))
-
-    folder = save_final_outputs(pipe, "transformer", model, ema, args, grid, save_lora, card)
+    folder = save_final_outputs(pipe, "transformer", model, ema, args, grid, save_lora, card, accelerator)
     if repa_loss is not None:
-        projector = {k: v.contiguous() for k, v in repa_loss.projector.state_dict().items()}
-        save_file(projector, Path(args.output_dir) / "repa_projector.safetensors")
+        projector = run.engine.full_state_dict(repa_loss.projector, keep=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in projector.items()}, Path(args.output_dir) / "repa_projector.safetensors")
+    if folder is None:
+        return
     logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, state.step, state.images_seen,
                 state.skipped_files)
 

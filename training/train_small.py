@@ -4,55 +4,73 @@
     accelerate launch training/train_small.py --data tree --output_dir out/tree --batch_size 512 \
         --max_train_steps 12000 --learning_rate 2e-3 --lr_scheduler cosine --final_sigmas_type zero --gam 1 --guidance_scale 0.5
     accelerate launch training/train_small.py --data path/to/images --resolution 32 --model unet --output_dir out/img
+    accelerate launch --config_file training/configs/accelerate/fsdp2.yaml training/train_small.py --data tree ...
 
 As smalldiffusion: AdamW, a noise level drawn uniformly from the schedule's training table per sample, by default no
-learning rate schedule. The final EMA model is saved as a `SmallDiffusionPipeline` with its `GradientEstimationScheduler`.
+learning rate schedule and no gradient clipping (biases and norms get no weight decay, as in the other scripts). The
+run takes the shared training flags and engines (DDP, FSDP2, DeepSpeed) of the other scripts; the final EMA model is
+saved to `output_dir/pipeline` as a `SmallDiffusionPipeline` with its `GradientEstimationScheduler`, checkpoints to
+`output_dir/checkpoint-<step>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-from pathlib import Path
+import sys
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
 from pixel_diffusers.models.small import ConditionalMLP, SmallDiT, SmallUNet, Swissroll, TimeInputMLP, TreeDataset
 from pixel_diffusers.pipelines.small import SmallDiffusionPipeline
 from pixel_diffusers.schedulers.scheduling_gradient_estimation import SCHEDULES, GradientEstimationScheduler
-from pixel_diffusers.training_utils import CheckpointManager
+from pixel_diffusers.training_utils import (
+    IndexBatches,
+    TrainingRun,
+    add_common_training_args,
+    build_optimizer,
+    lr_scheduler_from_args,
+    make_accelerator,
+    parse_args as parse_training_args,
+    resolve_training_length,
+    save_final_outputs,
+)
+
+logger = logging.getLogger("train_small")
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="'swissroll', 'tree', or an image folder")
-    parser.add_argument("--model", choices=("mlp", "dit", "unet"), default="mlp")
-    parser.add_argument("--prediction_type", choices=("epsilon", "x0", "v", "flow"), default="epsilon")
-    parser.add_argument("--scaled", action="store_true")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="log_linear")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=2048)
-    parser.add_argument("--max_train_steps", type=int, default=5000)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--lr_scheduler", choices=("constant", "cosine", "linear"), default="constant",
-                        help="decay to 0 over the run (upstream: constant)")
-    parser.add_argument("--ema_decay", type=float, default=0.99)
-    parser.add_argument("--dropout_prob", type=float, default=0.1, help="label dropout (conditional data)")
-    parser.add_argument("--checkpointing_steps", type=int, default=1000)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--gam", type=float, default=2.0)
-    parser.add_argument("--final_sigmas_type", choices=("sigma_min", "zero"), default="sigma_min",
-                        help="end sampling at the smallest sigma (upstream) or jump to the clean estimate")
-    parser.add_argument("--guidance_scale", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", required=True)
-    return parser.parse_args(argv)
+    add_common_training_args(parser)
+    small = parser.add_argument_group("smalldiffusion")
+    small.add_argument("--data", required=True, help="'swissroll', 'tree', or an image folder")
+    small.add_argument("--model", choices=("mlp", "dit", "unet"), default="mlp")
+    small.add_argument("--prediction_type", choices=("epsilon", "x0", "v", "flow"), default="epsilon")
+    small.add_argument("--scaled", action="store_true")
+    small.add_argument("--schedule", choices=SCHEDULES, default="log_linear")
+    small.add_argument("--resolution", type=int, default=32)
+    small.add_argument("--batch_size", dest="train_batch_size", type=int, help="Alias of --train_batch_size.")
+    small.add_argument("--dropout_prob", type=float, default=0.1, help="label dropout (conditional data)")
+    small.add_argument("--num_inference_steps", type=int, default=20)
+    small.add_argument("--gam", type=float, default=2.0)
+    small.add_argument("--final_sigmas_type", choices=("sigma_min", "zero"), default="sigma_min",
+                       help="end sampling at the smallest sigma (upstream) or jump to the clean estimate")
+    small.add_argument("--guidance_scale", type=float, default=0.0)
+    # smalldiffusion's recipe: epochs of the whole data, a constant rate of 1e-3, EMA 0.99, no gradient clipping.
+    parser.set_defaults(train_batch_size=2048, num_train_epochs=5000, learning_rate=1e-3, use_ema=True,
+                        ema_decay=0.99, checkpointing_steps=1000, max_grad_norm=math.inf, zclip_threshold=0,
+                        spike_rollback_every=0)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = parse_training_args(build_parser(), argv)
+    if args.gradient_checkpointing:
+        raise ValueError("--gradient_checkpointing is not supported by train_small.py's small models.")
+    return args
 
 
 def build_data(args):
@@ -80,48 +98,45 @@ def build_model(args, dataset, num_classes):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator()
-    set_seed(args.seed)
+    accelerator = make_accelerator(args, "train_small")
+    set_seed(args.seed)  # the same fresh weights on every process and every run
+    device = accelerator.device
     dataset, num_classes = build_data(args)
     model = build_model(args, dataset, num_classes)
     scheduler = GradientEstimationScheduler(schedule=args.schedule, gam=args.gam, final_sigmas_type=args.final_sigmas_type,
                                             prediction_type="flow_prediction" if args.prediction_type == "flow" else "epsilon")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=min(args.batch_size, len(dataset)), shuffle=True, drop_last=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=0,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
-    ema = EMAModel(model.parameters(), decay=args.ema_decay)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    accelerator.register_for_checkpointing(ema)
-    checkpoints = CheckpointManager(Path(args.output_dir) / "checkpoints")
-    step = checkpoints.resume(accelerator, args.resume_from_checkpoint)
-    ema.to(accelerator.device)
-    train_sigmas = scheduler.train_sigmas.to(accelerator.device)
-    unwrapped = accelerator.unwrap_model(model)
-    while step < args.max_train_steps:
-        for batch in loader:
-            x0, cond = batch if num_classes else (batch, None)
-            sigma = train_sigmas[torch.randint(len(train_sigmas), (x0.shape[0],), device=x0.device)]
-            sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-            loss = unwrapped.get_loss(x0, sigma, torch.randn_like(x0), cond=cond)
-            optimizer.zero_grad()
-            accelerator.backward(loss)
-            optimizer.step()
-            lr_scheduler.step()
-            ema.step(model.parameters())
-            step += 1
-            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-                checkpoints.save(accelerator, step)
-                accelerator.print(f"step {step} loss {loss.item():.4f}")
-            if step >= args.max_train_steps:
-                break
+    pipe = SmallDiffusionPipeline(model=model, scheduler=scheduler)
+    optimizer = build_optimizer(list(model.named_parameters()), args.optimizer, args.learning_rate,
+                                (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay)
+    batch_size = min(args.train_batch_size, len(dataset))
+    batches = IndexBatches(len(dataset), batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
+    resolve_training_length(args, batches)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator)
+    run = TrainingRun.prepare(accelerator, args, model, optimizer, lr_scheduler, batches)
+    wrapped, model = run.model, run.unwrapped
+    train_sigmas = scheduler.train_sigmas
 
-    if accelerator.is_main_process:
-        ema.copy_to(unwrapped.parameters())
-        pipeline = SmallDiffusionPipeline(model=unwrapped.eval(), scheduler=scheduler)
-        pipeline.save_pretrained(args.output_dir)
-        if isinstance(dataset, (Swissroll, TreeDataset)):
-            print(json.dumps(evaluate(pipeline, dataset, args), indent=2))
+    def micro_step(batch: dict, generator: torch.Generator) -> dict:
+        items = [dataset[i] for i in batch["indices"]]
+        x0 = torch.stack([item[0] for item in items]) if num_classes else torch.stack(items)
+        cond = torch.tensor([item[1] for item in items], device=device) if num_classes else None
+        sigma = train_sigmas[torch.randint(len(train_sigmas), (len(x0),), generator=generator)]
+        eps = torch.randn(x0.shape, generator=generator)
+        sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+        with accelerator.autocast():
+            loss = model.get_loss(x0.to(device), sigma.to(device), eps.to(device), cond=cond, denoiser=wrapped)
+        accelerator.backward(loss)
+        return {"loss": loss.detach(), "images": len(x0)}
+
+    run.train(accelerator, args, batches, micro_step, [p for p in wrapped.parameters() if p.requires_grad])
+    folder = save_final_outputs(pipe, "model", model, run.ema, args, None, None, accelerator=accelerator)
+    if folder is not None and isinstance(dataset, (Swissroll, TreeDataset)):
+        quality = evaluate(pipe, dataset, args)
+        (folder.parent / "evaluation.json").write_text(json.dumps(quality, indent=2))
+        print(json.dumps(quality, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run.state
 
 
 @torch.no_grad()
@@ -145,4 +160,4 @@ def evaluate(pipeline, dataset, args, num_samples: int = 2000) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -2,6 +2,9 @@
 
 from . import shapes
 from .checkpointing import CheckpointManager, TrainingState
+from .ema import ShardedEMA
+from .index_batches import IndexBatches
+from .engines import Engine
 from .config import (
     SAVE_DTYPES,
     add_common_training_args,
@@ -36,6 +39,7 @@ from .data import (
 from .loop import (
     TrainingRun,
     add_lora_adapter,
+    ema_weights,
     sample_validation_grid,
     save_final_outputs,
     train_loop,
@@ -72,15 +76,18 @@ __all__ = [
     "BucketedImageDataset",
     "CheckpointManager",
     "DINOv3Features",
+    "Engine",
     "FrequencyLoss",
     "HFImageCaptionSource",
     "ImageCaptionFolder",
+    "IndexBatches",
     "LossSpikeGuard",
     "MetadataBatches",
     "REPALoss",
     "SAVE_DTYPES",
     "SDXLTeacher",
     "SampledBatches",
+    "ShardedEMA",
     "StreamingBucketBatches",
     "TrainingProgress",
     "TrainingRun",
@@ -102,6 +109,7 @@ __all__ = [
     "build_optimizer",
     "classify_source",
     "collate",
+    "ema_weights",
     "exact_match",
     "expand_braces",
     "flow_loss_weights",

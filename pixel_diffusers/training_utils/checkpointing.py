@@ -1,20 +1,29 @@
-"""Atomic, pruned `accelerate` checkpoints and exact resumption."""
+"""Atomic, pruned `accelerate` checkpoints and exact resumption, with nothing unpickled on the way back."""
 
 from __future__ import annotations
 
+import errno
+import io
+import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+EXTRAS_FILE = "training_state.json"
+RUN_FILE = "run.json"
 
 
 class TrainingState:
-    """The loop's own counters, saved with every checkpoint through `accelerator.register_for_checkpointing`."""
+    """The loop's own counters, saved with every checkpoint."""
 
     def __init__(self, **values):
         self.__dict__.update(values)
@@ -27,12 +36,17 @@ class TrainingState:
 
 
 class CheckpointManager:
-    """Writes `output_dir/checkpoint-<step>` folders with `accelerator.save_state`, keeping the newest `total_limit`.
+    """Writes `output_dir/checkpoint-<step>` folders, keeping the newest `total_limit`.
 
-    A checkpoint is first written to a hidden temporary folder and renamed into place only once complete, so a run
-    killed while saving keeps its previous checkpoint intact; leftovers of such a run are removed at the next save.
-    Everything registered with `accelerator.register_for_checkpointing` (EMA, sampler, training state) and the RNG
-    states of every process are part of each checkpoint.
+    A checkpoint holds what `accelerator.save_state` writes for the engine (weights, optimizer, scheduler, the RNG
+    states of every process), `training_state.json` with the JSON state of each object in `extras` (sampler, ZClip,
+    loop counters), the full EMA as `ema.safetensors` and `run.json` (engine and world size). It is written to a
+    hidden folder and renamed into place only once complete, so a run killed or out of disk while saving keeps its
+    previous checkpoint intact; a failed save removes its partial folder.
+
+    On resume every file that could hold a pickle is first opened with a loader that only builds tensors and plain
+    data (`torch.load(weights_only=True)`, or an allowlist for the pickled index of a distributed checkpoint); a file
+    that needs anything else is refused before accelerate or DeepSpeed reads it.
     """
 
     def __init__(self, output_dir: str | Path, total_limit: int | None = None):
@@ -52,7 +66,7 @@ class CheckpointManager:
         checkpoints = self.checkpoints()
         return checkpoints[-1] if checkpoints else None
 
-    def save(self, accelerator, step: int) -> Path:
+    def save(self, accelerator, step: int, extras: dict | None = None, ema=None, engine=None) -> Path:
         final = self.output_dir / f"checkpoint-{step}"
         staging = self.output_dir / f".checkpoint-{step}.partial"
         if accelerator.is_main_process:
@@ -60,10 +74,31 @@ class CheckpointManager:
                 shutil.rmtree(leftover)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging), safe_serialization=True)
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(staging), safe_serialization=True)
+            if ema is not None:
+                ema.save(staging, accelerator.is_main_process)
+            if accelerator.is_main_process:
+                states = {name: obj.state_dict() for name, obj in (extras or {}).items()}
+                _write_json(staging / EXTRAS_FILE, states)
+                run = {"step": step, "engine": engine.name if engine else None, "world_size": accelerator.num_processes}
+                _write_json(staging / RUN_FILE, run)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _fsync_tree(staging)
+        except Exception as error:
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            if _is_disk_full(error, self.output_dir):
+                previous = self.latest()
+                raise OSError(
+                    errno.ENOSPC,
+                    f"No space left on the device of {self.output_dir} while writing checkpoint-{step}; the partial "
+                    f"folder was removed and {previous.name if previous else 'no earlier checkpoint'} is intact. "
+                    "Free space (or lower --checkpoints_total_limit) and resume with --resume_from_checkpoint latest.",
+                ) from error
+            raise
         if accelerator.is_main_process:
-            _fsync_tree(staging)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -95,16 +130,153 @@ class CheckpointManager:
             )
         return path
 
-    def resume(self, accelerator, which: str | None) -> int:
-        """Restores the state of `which` into `accelerator` and returns its step (0 when there is nothing to resume)."""
+    def resume(self, accelerator, which: str | None, extras: dict | None = None, ema=None, engine=None) -> int:
+        """Restores `which` into `accelerator`, `extras` and `ema`; returns its step (0 when there is nothing yet).
+
+        Refuses a checkpoint of another engine, a DeepSpeed checkpoint on another world size, a missing or unreadable
+        RNG state or training state, and any file that would need unpickling beyond tensors and plain data.
+        """
         path = self.resolve(which)
         if path is None:
             if which is not None:
                 logger.info("No checkpoint in %s yet: starting from step 0.", self.output_dir)
             return 0
+        run = _read_json(path / RUN_FILE)
+        same_world = run["world_size"] == accelerator.num_processes
+        if engine is not None:
+            check_resumable(run, engine)
+        for file in sorted(path.rglob("*")):
+            if file.is_file():
+                assert_no_unsafe_pickle(file)
+        if same_world:
+            rng = path / f"random_states_{accelerator.process_index}.pkl"
+            if not rng.is_file():
+                raise FileNotFoundError(f"{rng} is missing: the resumed run could not continue exactly.")
+            _load_rng_state(rng)
+        else:
+            logger.warning(
+                "Resuming on %d processes a run saved on %d: weights, optimizer and EMA are resharded; the data "
+                "order and random draws of the following steps differ from an uninterrupted run.",
+                accelerator.num_processes, run["world_size"],
+            )
         accelerator.load_state(str(path))
+        states = _read_json(path / EXTRAS_FILE)
+        missing = sorted(set(extras or {}) - set(states))
+        if missing:
+            raise ValueError(f"{path / EXTRAS_FILE} has no state for {missing}; it holds {sorted(states)}.")
+        for name, obj in (extras or {}).items():
+            obj.load_state_dict(states[name])
+        if ema is not None:
+            ema.load(path)
         logger.info("Resumed from %s", path)
         return int(_CHECKPOINT_NAME.match(path.name).group(1))
+
+
+def check_resumable(run: dict, engine) -> None:
+    """Raises when a checkpoint written by `run["engine"]` cannot be resumed by `engine` (see the README)."""
+    saved, world = run["engine"], run["world_size"]
+    families = {"single": "full", "ddp": "full", "fsdp2": "fsdp2"}
+    family = lambda name: families.get(name, "deepspeed")  # noqa: E731
+    if family(saved) != family(engine.name) or (family(saved) == "deepspeed" and saved != engine.name):
+        raise ValueError(
+            f"The checkpoint was written by {saved} and this run uses {engine.name}: their checkpoint formats differ. "
+            f"Resume with the engine that wrote it."
+        )
+    if family(saved) == "deepspeed" and world != engine.num_processes:
+        raise ValueError(
+            f"The {saved} checkpoint was written by {world} processes and this run has {engine.num_processes}: "
+            "DeepSpeed partitions its optimizer state per process, so it resumes only on the same world size "
+            "(FSDP2 and DDP checkpoints reshard)."
+        )
+
+
+# -- loading without unpickling anything but data --------------------------------------------------------------
+
+_RAW_PICKLE_MODULES = ("torch.distributed.checkpoint.", "torch.distributed._shard.")
+_RAW_PICKLE_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                       ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the index of a distributed checkpoint: its dataclasses, sizes, dtypes and plain containers."""
+
+    def find_class(self, module, name):
+        if module.startswith(_RAW_PICKLE_MODULES) or (module, name) in _RAW_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def _deepspeed_safe_globals() -> list:
+    """The plain-data classes DeepSpeed writes into its checkpoints."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def assert_no_unsafe_pickle(path: Path) -> None:
+    """Raises a ValueError naming `path` when it is a pickle (or a torch zip) needing more than tensors and data.
+
+    The data files of a distributed checkpoint (`.distcp`) are skipped: torch reads each item in them with
+    `weights_only=True` itself; their pickled index (`.metadata`) is checked here.
+    """
+    if path.suffix == ".distcp":
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    try:
+        if head.startswith(b"PK"):
+            from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+            with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS + _deepspeed_safe_globals()):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        elif head[:1] == b"\x80":
+            with open(path, "rb") as handle:
+                _DataOnlyUnpickler(io.BufferedReader(handle)).load()
+    except Exception as error:
+        raise ValueError(
+            f"Refusing to resume: {path} holds a pickle that is not plain data ({error}). Checkpoints are loaded "
+            "without running code; a file that needs more was not written by this run."
+        ) from error
+
+
+def _load_rng_state(path: Path) -> None:
+    from accelerate.utils.other import load
+
+    try:
+        states = load(path)
+        missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
+    except Exception as error:
+        raise ValueError(f"{path} is unreadable ({error}): the resumed run could not continue exactly.") from error
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}: the resumed run could not continue exactly.")
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is missing or unreadable ({error}): cannot resume from {path.parent}.") from error
+
+
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _fsync_tree(folder: Path) -> None:

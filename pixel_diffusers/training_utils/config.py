@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,8 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.Argume
     run.add_argument("--config", type=str, default=None, help="YAML file of argument values; the command line wins.")
     run.add_argument("--output_dir", type=str, required=True)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="no")
+    run.add_argument("--mixed_precision", choices=MIXED_PRECISION, default=None,
+                     help="Defaults to the accelerate config / `accelerate launch --mixed_precision` (else 'no').")
     run.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls and convolutions on Ampere+ GPUs.")
     run.add_argument("--train_batch_size", type=int, default=16, help="Per process.")
     run.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -55,8 +55,10 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.Argume
     optim.add_argument("--lr_warmup_steps", type=int, default=0)
     optim.add_argument("--lr_cycle_steps", type=int, default=None, help="stepped_cosine_restart: steps per cycle.")
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--zclip_threshold", type=float, default=2.5, help="z-score above which a norm is clipped.")
-    optim.add_argument("--spike_rollback_every", type=int, default=100, help="Snapshot interval; 0 disables rollback.")
+    optim.add_argument("--zclip_threshold", type=float, default=None,
+                       help="z-score above which a norm is clipped; 0 disables. Default 2.5, off under DeepSpeed.")
+    optim.add_argument("--spike_rollback_every", type=int, default=None,
+                       help="Snapshot interval; 0 disables rollback. Default 100, off under DeepSpeed.")
     optim.add_argument("--spike_factor", type=float, default=5.0)
     optim.add_argument("--use_ema", action="store_true")
     optim.add_argument("--ema_decay", type=float, default=0.999)
@@ -138,7 +140,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         raise ValueError("Give --validation_steps or --validation_epochs, not both.")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id.")
-    if hasattr(args, "resolution"):
+    if hasattr(args, "min_resolution"):  # the image scripts' data arguments
         from .data import resolve_image_args
 
         resolve_image_args(args)
@@ -163,11 +165,15 @@ def resolve_training_length(args: argparse.Namespace, batches) -> None:
         args.validation_steps = args.validation_epochs * per_epoch
 
 
-def lr_scheduler_from_args(args: argparse.Namespace, optimizer, num_processes: int):
+def lr_scheduler_from_args(args: argparse.Namespace, optimizer, accelerator):
     """The run's learning-rate schedule (`--lr_scheduler`, `--lr_warmup_steps`, `--lr_cycle_steps`).
 
-    Step counts are multiplied by `num_processes`: accelerate steps a prepared scheduler once per process.
+    Step counts are multiplied by the number of processes: accelerate steps a prepared scheduler once per process,
+    except under DeepSpeed, whose engine steps it once per optimiser step.
     """
+    from accelerate.utils import DistributedType
+
+    num_processes = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator.num_processes
     return build_lr_scheduler(
         args.lr_scheduler, optimizer, args.lr_warmup_steps * num_processes, args.max_train_steps * num_processes,
         steps_per_cycle=(args.lr_cycle_steps or args.max_train_steps) * num_processes,
@@ -181,24 +187,40 @@ def training_config_yaml(args: argparse.Namespace) -> str:
 
 
 def make_accelerator(args: argparse.Namespace, project_name: str):
-    """An `Accelerator` logging under `output_dir/logging_dir`; also sets up logging, TF32 (`--allow_tf32`), the
-    learning-rate scaling (`--scale_lr`, diffusers' rule, applied to every `*learning_rate` argument) and the trackers.
-    A requested tracker that cannot start (not installed, failing to initialise) is an error, not a warning."""
+    """An `Accelerator` for the engine the launch chose, logging under `output_dir/logging_dir`; also sets up logging,
+    TF32 (`--allow_tf32`), the learning-rate scaling (`--scale_lr`, diffusers' rule, applied to every `*learning_rate`
+    argument), the trackers and the engine-dependent defaults of `--zclip_threshold` / `--spike_rollback_every`.
+
+    The engine comes from the accelerate config or launch flags. A launch whose engine or process count the run
+    would not get is an error (see `engines.check_launch` and `Engine.check_requested`), and so is a requested
+    tracker that cannot start (not installed, failing to initialise).
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from .engines import Engine, check_launch, configure_deepspeed, launched_world_size, requested_engine
+
+    check_launch()
+    requested, launched = requested_engine(), launched_world_size()
     report_to = None if args.report_to == "none" else [name.strip() for name in args.report_to.split(",")]
     # Without a GPU, accelerate only forms a process group (gloo) when told to run on CPU: `torchrun` with several
     # processes on a CPU machine then trains data-parallel instead of running independent copies.
-    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
-        cpu=several_processes and not torch.cuda.is_available(),
+        cpu=launched > 1 and requested is None and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=report_to,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
         ),
     )
+    engine = Engine.of(accelerator)
+    engine.check_requested(requested, launched)
+    if engine.is_deepspeed:
+        configure_deepspeed(accelerator, args)
+    for flag, default in (("zclip_threshold", 2.5), ("spike_rollback_every", 100)):
+        if getattr(args, flag, 0) is None:
+            setattr(args, flag, 0 if engine.is_deepspeed else default)
     # Progress is logged by the main process only; the other processes report warnings and errors (prefixed by
     # their rank). `PIXEL_DIFFUSERS_LOG_ALL_PROCESSES=1` has every process log everything.
     every_process = os.environ.get("PIXEL_DIFFUSERS_LOG_ALL_PROCESSES", "") not in ("", "0")
@@ -207,6 +229,7 @@ def make_accelerator(args: argparse.Namespace, project_name: str):
         + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process or every_process else logging.WARNING,
     )
+    logger.info("%s: %s", project_name, engine.describe(accelerator, args.train_batch_size, args.gradient_accumulation_steps))
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

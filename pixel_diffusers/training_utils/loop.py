@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from .checkpointing import CheckpointManager, TrainingState
 from . import shapes
+from .checkpointing import CheckpointManager, TrainingState
 from .config import SAVE_DTYPES, log_sample_grid, push_checkpoint, step_generator, training_config_yaml
+from .ema import ShardedEMA
+from .engines import Engine
 from .optim import AdaptiveGradClip, LossSpikeGuard, run_with_oom_retry
 from .progress import TrainingProgress
 
@@ -23,51 +26,102 @@ logger = logging.getLogger(__name__)
 class TrainingRun:
     """Everything a training loop holds, prepared by accelerate and restored from the checkpoint to resume."""
 
-    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped when distributed)
+    model: torch.nn.Module  # as prepared by accelerate (wrapped or sharded by the engine)
     unwrapped: torch.nn.Module
     extra_modules: tuple
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    ema: object | None
+    ema: ShardedEMA | None
     clipper: AdaptiveGradClip
     state: TrainingState
     checkpoints: CheckpointManager
     guard: LossSpikeGuard | None
+    engine: Engine
+    batches: object
 
     @classmethod
-    def prepare(cls, accelerator, args, model, optimizer, lr_scheduler, batches, dataset=None, extra_modules=()):
-        """Prepares `model` (and trained `extra_modules`, e.g. a loss's projector) with accelerate, creates the EMA of
-        the model's trainable parameters (`args.use_ema`), the ZClip state and the loop counters, registers them and
-        the batch stream for checkpointing, and resumes from `args.resume_from_checkpoint`."""
-        ema = None
-        if args.use_ema:
-            from diffusers.training_utils import EMAModel
-
-            ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=args.ema_decay)
+    def prepare(cls, accelerator, args, model, optimizer, lr_scheduler, batches, dataset=None, extra_modules=(),
+                state: TrainingState | None = None):
+        """Prepares `model` (and trained `extra_modules`, e.g. a loss's projector) with accelerate under the engine
+        the launch chose, creates the EMA of the model's trainable parameters (`args.use_ema`, see `ShardedEMA`),
+        the ZClip state and the loop counters, and resumes all of them from `args.resume_from_checkpoint`."""
+        engine = Engine.of(accelerator)
+        check_engine_options(args, engine, extra_modules)
         prepared = accelerator.prepare(model, *extra_modules, optimizer, lr_scheduler)
         model, extra_modules, optimizer, lr_scheduler = prepared[0], tuple(prepared[1:-2]), prepared[-2], prepared[-1]
         unwrapped = accelerator.unwrap_model(model)
-        clipper = AdaptiveGradClip(args.max_grad_norm, args.zclip_threshold)
-        state = TrainingState(step=0, images_seen=0, skipped_files=0, skipped_batches=0)
-        for stateful in (batches, clipper, state) + ((ema,) if ema is not None else ()):
-            accelerator.register_for_checkpointing(stateful)
+        ema = ShardedEMA(unwrapped, engine, args.ema_decay) if args.use_ema else None
+        clipper = AdaptiveGradClip(args.max_grad_norm, args.zclip_threshold if args.zclip_threshold else float("inf"))
+        state = state or TrainingState(step=0, images_seen=0, skipped_files=0, skipped_batches=0)
         checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-        checkpoints.resume(accelerator, args.resume_from_checkpoint)
-        if ema is not None:
-            ema.to(accelerator.device)
+        extras = {"batches": batches, "clipper": clipper, "state": state}
+        checkpoints.resume(accelerator, args.resume_from_checkpoint, extras, ema, engine)
         guard = None
         if args.spike_rollback_every:
             guard = LossSpikeGuard(unwrapped, optimizer, ema, args.spike_rollback_every, args.spike_factor)
         if dataset is not None and dataset.num_unreadable:
             state.skipped_files = max(state.skipped_files, dataset.num_unreadable)
-        return cls(model, unwrapped, extra_modules, optimizer, lr_scheduler, ema, clipper, state, checkpoints, guard)
+        return cls(model, unwrapped, extra_modules, optimizer, lr_scheduler, ema, clipper, state, checkpoints, guard,
+                   engine, batches)
 
     def train(self, accelerator, args, batches, micro_step, trainable, validate=None) -> None:
         """`train_loop` with this run's pieces."""
         train_loop(
             accelerator, args, self.model, self.optimizer, self.lr_scheduler, batches, micro_step, self.state,
-            self.checkpoints, self.clipper, trainable, self.ema, self.guard, validate,
+            self.checkpoints, self.clipper, trainable, self.ema, self.guard, validate, self.engine,
         )
+
+    def save_checkpoint(self, accelerator, step: int) -> Path:
+        extras = {"batches": self.batches, "clipper": self.clipper, "state": self.state}
+        return self.checkpoints.save(accelerator, step, extras, self.ema, self.engine)
+
+
+def check_engine_options(args, engine: Engine, extra_modules=()) -> None:
+    """Refuses, naming the flag and the engine, what a run asks for and its engine cannot do.
+
+    Under DeepSpeed the optimiser steps inside `accelerator.backward` with DeepSpeed's own clipping at
+    `--max_grad_norm`, so ZClip (`--zclip_threshold`) cannot adjust the gradients first and a rollback cannot restore
+    its partitioned optimiser state (`--spike_rollback_every`); pass 0 for both. DeepSpeed also trains one model per
+    run, so a trained loss module (REPA's projector) needs another engine. LoRA trains under DDP and ZeRO-1/2.
+    """
+    if getattr(args, "lora_rank", 0) and engine.shards_parameters:
+        raise ValueError(
+            f"--lora_rank is not supported under {engine.name}: gathering a sharded LoRA model for saving is not "
+            "supported yet. A LoRA trains a small part of the weights: train it with DDP or ZeRO-1/2."
+        )
+    if engine.is_deepspeed:
+        for flag in ("zclip_threshold", "spike_rollback_every"):
+            if getattr(args, flag, 0):
+                raise ValueError(
+                    f"--{flag} {getattr(args, flag)} is not supported under DeepSpeed ({engine.name}): DeepSpeed "
+                    f"steps the optimiser inside backward. Pass --{flag} 0 (DeepSpeed clips at --max_grad_norm), or "
+                    "train with DDP or FSDP2."
+                )
+        if extra_modules:
+            raise ValueError(
+                f"DeepSpeed ({engine.name}) trains a single model, and this run also trains "
+                f"{[type(m).__name__ for m in extra_modules]} (e.g. REPA's projector): use DDP or FSDP2."
+            )
+
+
+def _agree_on_usable(flags: list[bool], device) -> list[bool]:
+    """Every process keeps a micro batch only where all processes have data for it, so collectives stay paired."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return flags
+    agreed = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return [bool(v) for v in agreed.tolist()]
+
+
+@contextlib.contextmanager
+def _micro_batch(accelerator, model, synchronise: bool):
+    """Gradients of a micro batch: synchronised (and, under DeepSpeed, stepped) only on the last one of a step."""
+    accelerator.gradient_state._set_sync_gradients(synchronise)
+    try:
+        with contextlib.nullcontext() if synchronise else accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
 
 
 def train_loop(
@@ -82,38 +136,46 @@ def train_loop(
     checkpoints: CheckpointManager,
     clipper: AdaptiveGradClip,
     trainable: list[torch.nn.Parameter],
-    ema=None,
+    ema: ShardedEMA | None = None,
     guard: LossSpikeGuard | None = None,
     validate=None,
+    engine: Engine | None = None,
 ) -> None:
     """Runs optimiser steps from `state.step` to `args.max_train_steps`.
 
-    Each step accumulates `args.gradient_accumulation_steps` batches through `micro_step(batch, generator)`, which
+    Each step draws `args.gradient_accumulation_steps` batches and runs `micro_step(batch, generator)` on each, which
     does the forward and `accelerator.backward` and returns its detached loss terms (a "loss" key included) plus
-    "images". Batches with no readable image are skipped; an out-of-memory batch is retried halved; a loss spike rolls
-    back. Then come the adaptive clip, the optimiser, scheduler and EMA steps, logging, checkpoints every
-    `args.checkpointing_steps` (and at the end) and `validate(step)` on the main process every `args.validation_steps`.
-    The random draws of a step depend only on (seed, step, process), so resumed runs are exact.
+    "images"; gradients synchronise on the last one. A micro batch with no readable image on some process is skipped
+    on every process (so the engine's collectives stay paired); an out-of-memory batch is retried halved (single
+    process and DDP; sharded engines cannot retry one process alone); a loss spike rolls back. Then come the clip, the
+    optimiser, scheduler and EMA steps, logging, checkpoints every `args.checkpointing_steps` (and at the end) and
+    `validate(step)` on every process (it samples collectively; the main process writes) every
+    `args.validation_steps`. The random draws of a step depend only on (seed, step, process), so resumed runs are
+    exact.
     """
+    engine = engine or Engine.of(accelerator)
     accumulation = args.gradient_accumulation_steps
     processes = accelerator.num_processes
-    ema_params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    retry_oom = not (engine.shards_parameters or engine.is_deepspeed)
     stream = iter(batches)
-    logger.info("Training from step %d to %d on %d process(es).", state.step, args.max_train_steps, processes)
+    logger.info("Training from step %d to %d: %s.", state.step, args.max_train_steps,
+                engine.describe(accelerator, args.train_batch_size, accumulation))
     progress = TrainingProgress(accelerator, args.max_train_steps, state, args.disable_progress_bar)
     while state.step < args.max_train_steps:
         if guard is not None:
             guard.maybe_snapshot(state.step)
+        drawn = [next(stream) for _ in range(accumulation)]
+        for batch in drawn:
+            state.skipped_files += batch.get("num_skipped", 0)
+        has_data = ["pixel_values" not in b or b["pixel_values"] is not None for b in drawn]
+        usable = _agree_on_usable(has_data, accelerator.device)
+        chosen = [micro for micro in range(accumulation) if usable[micro]]
         results = []
-        for micro in range(accumulation):
-            batch = next(stream)
-            state.skipped_files += batch["num_skipped"]
-            if batch["pixel_values"] is None:
-                continue
+        for micro in chosen:
             generator = step_generator(args.seed, state.step * accumulation + micro, accelerator.process_index)
-            sync = accelerator.no_sync(model) if micro < accumulation - 1 else contextlib.nullcontext()
-            with sync:
-                result = run_with_oom_retry(lambda b: micro_step(b, generator), batch, optimizer)
+            with _micro_batch(accelerator, model, synchronise=micro == chosen[-1]):
+                step_fn = lambda b: micro_step(b, generator)  # noqa: E731
+                result = run_with_oom_retry(step_fn, drawn[micro], optimizer) if retry_oom else step_fn(drawn[micro])
             if result is not None:
                 results.append(result)
         if not results:
@@ -130,7 +192,7 @@ def train_loop(
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(ema_params)
+            ema.step()
         state.step += 1
         state.images_seen += sum(r["images"] for r in results) * processes
         logs = {name: torch.stack([r[name] for r in results]).mean().item() for name in results[0] if name != "images"}
@@ -138,35 +200,52 @@ def train_loop(
         accelerator.log(logs, step=state.step)
         progress.update(state.step, state.images_seen, logs)
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
-            path = checkpoints.save(accelerator, state.step)
+            extras = {"batches": batches, "clipper": clipper, "state": state}
+            path = checkpoints.save(accelerator, state.step, extras, ema, engine)
             if args.push_checkpoints_to_hub and accelerator.is_main_process:
                 push_checkpoint(args, path)
         validation_steps = getattr(args, "validation_steps", None)
         if validate is not None and validation_steps and state.step % validation_steps == 0:
-            if accelerator.is_main_process:
-                validate(state.step)
+            validate(state.step)
             accelerator.wait_for_everyone()
     progress.close(state.step)
 
 
-def save_final_outputs(pipe, component: str, model, ema, args, grid: Path | None, save_lora, card_fields=None) -> Path:
-    """Writes the run's result (main process only) and pushes it when `args.push_to_hub`.
+def ema_weights(ema: ShardedEMA | None):
+    """The block runs with the EMA weights swapped in (on every process) when there is an EMA."""
+    return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
-    With EMA the averaged weights replace the trained ones. A full run saves the pipeline to `output_dir/pipeline` (in
-    `args.save_precision`, after which `pipe` keeps that precision); a LoRA run calls `save_lora(folder, model)` for
-    `output_dir/lora`. The sample grid goes in as `samples.png` and the model card carries the training configuration.
+
+def save_final_outputs(
+    pipe, component: str, model, ema, args, grid: Path | None, save_lora, card_fields=None, accelerator=None,
+) -> Path | None:
+    """Writes the run's result and pushes it when `args.push_to_hub`; every process calls it, the main one writes.
+
+    The full state dict is gathered from every process, with the EMA weights in place of the trained ones when there
+    is an EMA. A full run saves the pipeline to `output_dir/pipeline` (in `args.save_precision`, after which `pipe`
+    keeps that precision): under FSDP2 and ZeRO-3 into a fresh, unsharded copy of the model, which then replaces the
+    sharded one in `pipe`. A LoRA run calls `save_lora(folder, lora_state_dict)` for `output_dir/lora`. The sample
+    grid goes in as `samples.png` and the model card carries the training configuration. Returns the folder on the
+    main process, None elsewhere.
     """
-    if ema is not None:
-        ema.copy_to([p for p in model.parameters() if p.requires_grad])
-    setattr(pipe, component, model.eval())
+    engine = Engine.of(accelerator)
+    averaged = ema.full_state() if ema is not None else None
+    full = engine.full_state_dict(model, averaged, keep=accelerator.is_main_process)
+    if not accelerator.is_main_process:
+        return None
     lora = getattr(args, "lora_rank", 0)
     card = {"training_config": training_config_yaml(args), **(card_fields or {})}
     if grid is not None:
         card["sample_grid"] = "samples.png"
     folder = Path(args.output_dir) / ("lora" if lora else "pipeline")
     if lora:
-        save_lora(folder, model)
+        from peft.utils import get_peft_model_state_dict
+
+        save_lora(folder, get_peft_model_state_dict(model, state_dict=full))
     else:
+        final = type(model).from_config(model.config) if engine.shards_parameters else model
+        final.load_state_dict(full, strict=True)
+        setattr(pipe, component, final.eval())
         for module in pipe.components.values():  # not `pipe.to(dtype)`: diffusers 0.42's ModelMixin.to then warns
             if isinstance(module, torch.nn.Module):  # "modules ... should be kept in float32: []" for every model
                 torch.nn.Module.to(module, dtype=SAVE_DTYPES[args.save_precision])
@@ -209,27 +288,30 @@ def validation_prompts(args) -> list[str]:
 
 @torch.no_grad()
 def sample_validation_grid(pipe, model, ema, args, accelerator, step: int, name: str, **call_kwargs) -> Path | None:
-    """Generates the validation prompts with the EMA weights swapped in (restored afterwards), saves the grid as
-    `output_dir/samples/<name>.png` and logs it; None when there is no prompt to sample."""
-    prompts = validation_prompts(args)
-    if not prompts:
+    """Generates the validation prompts (or, given `class_labels`, those classes) with the EMA weights swapped in,
+    saves the grid as `output_dir/samples/<name>.png` and logs it.
+
+    Every process samples (a sharded model computes collectively) with the same generator; the main process writes
+    and returns the grid, the others return None, as does a run with nothing to sample.
+    """
+    inputs = {} if "class_labels" in call_kwargs else {"prompt": validation_prompts(args)}
+    if inputs and not inputs["prompt"]:
         return None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if ema is not None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
+    if inputs:
+        resolution = args.validation_resolution or args.min_resolution
+        inputs |= {"height": resolution, "width": resolution}
     model.eval()
-    resolution = args.validation_resolution or args.min_resolution
-    logger.info("Sampling %d validation images (%s) at %d², %d steps.", len(prompts), name, resolution,
-                args.validation_num_inference_steps)
+    count = len(call_kwargs.get("class_labels") or inputs["prompt"])
+    logger.info("Sampling %d validation images (%s), %d steps.", count, name, args.validation_num_inference_steps)
     try:
-        images = pipe(
-            prompts, height=resolution, width=resolution, num_inference_steps=args.validation_num_inference_steps,
-            guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(args.seed),
-            **call_kwargs,
-        ).images
+        with ema_weights(ema):
+            images = pipe(
+                **inputs, num_inference_steps=args.validation_num_inference_steps,
+                guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(args.seed),
+                **call_kwargs,
+            ).images
     finally:
         model.train()
-        if ema is not None:
-            ema.restore(trainable)
+    if not accelerator.is_main_process:
+        return None
     return log_sample_grid(accelerator, images, args.output_dir, step, name)

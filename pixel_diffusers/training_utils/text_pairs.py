@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
+
+from .index_batches import IndexBatches
 
 logger = logging.getLogger(__name__)
 
@@ -87,40 +88,24 @@ def read_text_items(path: str | Path) -> tuple[list[dict], int]:
     return items, skipped
 
 
-class TextItemBatches:
+class TextItemBatches(IndexBatches):
     """Endless, resumable batches of PixelDLM items as token images (`codec.encode_text`, truncated): the answer is
     `pixel_values` (with its `text_mask`), the prompt the `condition` (`has_prompt` False for plain texts).
 
-    Item `i` of the whole stream is `order[i % n]` of epoch `i // n`, whose order is a permutation seeded by
-    (seed, epoch); process `rank` takes every `num_replicas`-th. `num_unreadable` counts items left out when reading.
+    The order is `IndexBatches`': a permutation per epoch seeded by (seed, epoch), dealt round-robin to the
+    processes. `num_unreadable` counts items left out when reading.
     """
 
     def __init__(self, items, codec, tokenizer, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
                  num_unreadable: int = 0):
-        self.items, self.codec, self.tokenizer = items, codec, tokenizer
-        self.batch_size, self.seed, self.num_replicas, self.rank = batch_size, seed, num_replicas, rank
-        self.num_unreadable, self.position = num_unreadable, 0
-
-    def __len__(self) -> int:
-        return max(1, math.ceil(len(self.items) / (self.batch_size * self.num_replicas)))
+        super().__init__(len(items), batch_size, seed, num_replicas, rank)
+        self.items, self.codec, self.tokenizer, self.num_unreadable = items, codec, tokenizer, num_unreadable
 
     def __iter__(self):
-        while True:
-            indices = []
-            for _ in range(self.batch_size):
-                epoch, offset = divmod(self.position * self.num_replicas + self.rank, len(self.items))
-                generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-                indices.append(int(torch.randperm(len(self.items), generator=generator)[offset]))
-                self.position += 1
-            chunk = [self.items[i] for i in indices]
+        for batch in super().__iter__():
+            chunk = [self.items[i] for i in batch["indices"]]
             target, mask = self.codec.encode_text(self.tokenizer, [item["answer"] for item in chunk], truncate=True)
             condition, _ = self.codec.encode_text(self.tokenizer, [item["prompt"] or "" for item in chunk], truncate=True)
             has_prompt = torch.tensor([item["prompt"] is not None for item in chunk])
             yield {"pixel_values": target, "text_mask": mask, "condition": condition, "has_prompt": has_prompt,
                    "num_skipped": 0}
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]

@@ -142,12 +142,17 @@ class SmallDiffusionModel(ModelMixin, ConfigMixin):
         conditional, unconditional = both.chunk(2)
         return conditional + cfg_scale * (conditional - unconditional)
 
-    def get_loss(self, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean squared error of the prediction target at ``x0 + sigma eps`` (flow: ``(1 - t) x0 + t eps``)."""
+    def get_loss(self, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor | None = None,
+                 denoiser=None) -> torch.Tensor:
+        """Mean squared error of the prediction target at ``x0 + sigma eps`` (flow: ``(1 - t) x0 + t eps``).
+
+        ``denoiser`` runs the forward (in training: this model as wrapped by the distributed engine); default self.
+        """
+        denoiser = denoiser or self
         kind, s = self.config.prediction_type, _broadcast(sigma, x0)
         if kind == "flow":
-            return nn.functional.mse_loss(self(((1 - s) * x0 + s * eps), sigma, cond), eps - x0)
-        out = self(x0 + s * eps, sigma, cond)
+            return nn.functional.mse_loss(denoiser(((1 - s) * x0 + s * eps), sigma, cond), eps - x0)
+        out = denoiser(x0 + s * eps, sigma, cond)
         if kind == "epsilon":
             target = eps
         elif kind == "x0":

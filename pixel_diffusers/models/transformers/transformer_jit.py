@@ -374,6 +374,8 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
         self.grid = sample_size // patch_size
         patch_dim = patch_size * patch_size * in_channels
         dim = hidden_size
+        # The block class this variant has: FSDP's per-block sharding looks every listed class up in the model.
+        self._no_split_modules = ["JiTBlock"] if architecture == "jit" else ["PixelDLMBlock"]
 
         if architecture == "jit":
             # The conv pair is a low-rank linear map of each (c, row, col)-ordered patch.
