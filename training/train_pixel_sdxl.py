@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> TrainingState:
         raise ValueError("The distillation stages train the default patch encoder/decoder, not the conv ones.")
     accelerator = make_accelerator(args, "train_pixel_sdxl")
     engine = Engine.of(accelerator)
+    if engine.name == "zero3":
+        raise ValueError(
+            "train_pixel_sdxl.py does not run under DeepSpeed ZeRO-3: its frozen CLIP text encoders come out "
+            "partitioned (transformers' ZeRO-3 integration) and cannot encode prompts. Use FSDP2 or ZeRO-1/2."
+        )
     if args.stage != "train" and engine.shards_parameters:
         raise ValueError(
             f"--stage {args.stage} runs the U-Net's patch coders outside its forward, where {engine.name} cannot "
