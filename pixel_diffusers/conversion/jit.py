@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..models.transformers.transformer_jit import JIT_PRESETS, JiTTransformer2DModel, _rope_angles
-from .strict import check_converted_state_dict
+from .strict import check_converted_state_dict, read_checkpoint
 
 __all__ = ["JiTConversionReport", "add_subparser", "convert_jit_checkpoint", "convert_pixeldlm_checkpoint"]
 
@@ -99,24 +99,11 @@ class JiTConversionReport:
 
 
 def _load(src: Path) -> tuple[dict, str]:
-    if not src.is_file():
-        raise ValueError(f"src={str(src)!r} is not a file.")
-    if src.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(src)), "safetensors"
-    try:
-        # JiT stores its argparse.Namespace of training arguments; that plain container is the only class allowed.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(src), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"src={str(src)!r} could not be read with torch.load(weights_only=True) ({error}). Only tensor "
-            "containers are loaded (never arbitrary pickles); re-save the state dict with torch.save or as safetensors."
-        ) from error
+    # JiT stores its argparse.Namespace of training arguments; that plain container is the only class allowed.
+    obj, kind = read_checkpoint(src, safe_globals=(argparse.Namespace,))
     if not isinstance(obj, dict):
         raise ValueError(f"src={str(src)!r} holds a {type(obj).__name__}; expected a checkpoint dict or a state dict.")
-    return obj, "torch"
+    return obj, kind
 
 
 def _is_state_dict(obj) -> bool:

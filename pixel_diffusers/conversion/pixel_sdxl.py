@@ -34,7 +34,9 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ..loading import nonfinite_keys
 from ..models.unets.unet_pixel_sdxl import PIXEL_SDXL_PRESETS, PixelSDXLUNet2DConditionModel
+from .strict import read_checkpoint
 
 __all__ = ["PixelSDXLConversionReport", "convert_pixel_sdxl_checkpoint", "add_subparser"]
 
@@ -182,23 +184,16 @@ def sgm_unet_key_to_diffusers(key: str, layers_per_block: int = 2) -> str | None
 # Sources
 # ---------------------------------------------------------------------------------------------------------------
 def _load_file(src: Path) -> dict:
-    if src.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(src))
-    try:
-        obj = torch.load(str(src), map_location="cpu", weights_only=True)
-    except Exception as error:  # an unsafe pickle or a foreign format
-        raise ValueError(
-            f"src={str(src)!r} could not be read with torch.load(weights_only=True) ({error}). Only plain tensor "
-            "containers are loaded (never arbitrary pickles); re-save the state dict with torch.save or as safetensors."
-        ) from error
+    obj, _ = read_checkpoint(src)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return obj["model"]  # upstream's training checkpoints: {"model": ..., "optimizer_state": ...}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"]  # original SGM/LDM .ckpt files
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError(f"src={str(src)!r} holds no state dict (expected tensors, a 'model' or a 'state_dict' entry).")
+    nonfinite = nonfinite_keys(obj)
+    if nonfinite:
+        raise ValueError(f"src={str(src)!r} has tensors holding NaN or inf: {nonfinite}.")
     return obj
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..models.transformers.transformer_pixelhdm import PIXELHDM_PRESETS, PixelHDMTransformer2DModel
-from .strict import check_converted_state_dict
+from .strict import check_converted_state_dict, read_checkpoint
 
 __all__ = ["PixelHDMConversionReport", "convert_pixelhdm_checkpoint"]
 
@@ -146,23 +146,10 @@ def _canonical(key: str) -> str | None:
 
 
 def _load_source(src: Path) -> tuple[dict, str]:
-    if not src.is_file():
-        raise ValueError(f"src={str(src)!r} is not a file.")
-    if src.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(src)), "safetensors"
-    try:
-        obj = torch.load(str(src), map_location="cpu", weights_only=True)
-    except Exception as error:  # an unsafe pickle or a foreign format
-        raise ValueError(
-            f"src={str(src)!r} could not be read with torch.load(weights_only=True) ({error}). Only plain tensor "
-            "containers are loaded (never arbitrary pickles); re-save the state dict with torch.save or as "
-            "safetensors."
-        ) from error
+    obj, kind = read_checkpoint(src)
     if not isinstance(obj, dict):
         raise ValueError(f"src={str(src)!r} holds a {type(obj).__name__}; expected a checkpoint dict or a state dict.")
-    return obj, "torch"
+    return obj, kind
 
 
 def _is_state_dict(obj) -> bool:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .strict import read_checkpoint
+
 __all__ = ["post_hoc_ema_weights", "post_hoc_ema", "add_subparser"]
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,11 +36,9 @@ def post_hoc_ema_weights(count: int, mu: float = 0.9) -> list[float]:
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    if path.suffix not in (".pt", ".pth", ".ckpt"):
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".ckpt"):
         raise ValueError(f"{str(path)!r} must be a .safetensors, .pt, .pth or .ckpt file.")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj, _ = read_checkpoint(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):

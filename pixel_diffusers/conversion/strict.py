@@ -1,10 +1,42 @@
-"""The strict key and shape check shared by the upstream-checkpoint converters."""
+"""What the upstream-checkpoint converters share: reading a checkpoint file safely, and the strict key check."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from ..loading import nonfinite_keys
+
+
+def read_checkpoint(src: str | Path, safe_globals: tuple = ()) -> tuple[object, str]:
+    """Reads `src` without unpickling anything: `.safetensors` with safetensors, anything else with
+    `torch.load(weights_only=True)` (plus the plain classes in `safe_globals`). Returns `(object, kind)`, kind
+    "safetensors" or "torch"; every failure is a ValueError that names the file and says why."""
+    src = Path(src)
+    if not src.is_file():
+        raise ValueError(f"src={str(src)!r} is not a file.")
+    if src.stat().st_size == 0:
+        raise ValueError(f"src={str(src)!r} is empty (0 bytes): the file was truncated or never written.")
+    if src.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(src)), "safetensors"
+        except Exception as error:  # SafetensorError, or an OSError for an unreadable file
+            raise ValueError(
+                f"src={str(src)!r} is not a readable safetensors file ({type(error).__name__}: {error})."
+            ) from error
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            obj = torch.load(str(src), map_location="cpu", weights_only=True)
+    except Exception as error:  # an unsafe pickle, a foreign format or a damaged file
+        raise ValueError(
+            f"src={str(src)!r} could not be read with torch.load(weights_only=True) ({type(error).__name__}: "
+            f"{error or 'no details'}). Only plain tensor containers are loaded (never arbitrary pickles); re-save the "
+            "state dict with torch.save or as safetensors."
+        ) from error
+    return obj, "torch"
 
 
 def check_converted_state_dict(
@@ -18,7 +50,7 @@ def check_converted_state_dict(
 ) -> None:
     """Raises a ValueError when the converted tensors do not fill `expected` (a model's state dict) exactly: keys of
     ours that nothing maps to (`missing`), upstream keys that map to nothing of ours (`unexpected`), or a tensor whose
-    shape differs from the model's."""
+    shape differs from the model's, or a tensor holding NaN or inf."""
     if missing or unexpected:
         raise ValueError(
             f"Checkpoint {str(src)!r} does not match {model_name}({config_source}). "
@@ -31,3 +63,6 @@ def check_converted_state_dict(
     ]
     if mismatched:
         raise ValueError(f"Checkpoint {str(src)!r} has tensors of the wrong shape for {config_source}: {mismatched}.")
+    nonfinite = nonfinite_keys(converted)
+    if nonfinite:
+        raise ValueError(f"Checkpoint {str(src)!r} has tensors holding NaN or inf: {nonfinite}.")

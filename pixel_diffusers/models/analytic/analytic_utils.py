@@ -18,6 +18,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
+from ...loading import StrictModelMixin
+
 
 def _to_tensor(item) -> torch.Tensor:
     """An image (tensor in [-1, 1], or PIL / uint8 array in [0, 255]) or a batch of them as a float tensor."""
@@ -59,7 +61,7 @@ def linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-class AnalyticDenoiser(ModelMixin, ConfigMixin):
+class AnalyticDenoiser(StrictModelMixin, ModelMixin, ConfigMixin):
     """Base of the analytic denoisers: the schedule lookup and the ``fit`` / ``forward`` contract.
 
     Subclasses register their config (which must include ``sample_size``, ``in_channels``, ``num_train_timesteps``,

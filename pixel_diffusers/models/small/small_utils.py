@@ -19,6 +19,8 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ...loading import StrictModelMixin
+
 PREDICTION_TYPES = ("epsilon", "x0", "v", "flow")
 
 
@@ -97,7 +99,7 @@ def _broadcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else sigma
 
 
-class SmallDiffusionModel(ModelMixin, ConfigMixin):
+class SmallDiffusionModel(StrictModelMixin, ModelMixin, ConfigMixin):
     """Base of the small models; subclasses set ``input_dims`` and implement ``_network(x, sigma, cond)``.
 
     Conditional models set ``cond_embed`` (a :class:`CondEmbedderLabel`); ``predict_eps_cfg`` uses it.

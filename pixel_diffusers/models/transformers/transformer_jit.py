@@ -41,6 +41,8 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 
+from ...loading import StrictModelMixin
+
 __all__ = ["JIT_PRESETS", "JiTTransformer2DModel", "JiTTransformerOutput"]
 
 ARCHITECTURES = ("jit", "pixeldlm")
@@ -312,7 +314,7 @@ class PixelDLMPixelDecoder(nn.Module):
         return out.clamp(0, 1)
 
 
-class JiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class JiTTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""JiT / PixelDLM pixel-space diffusion transformer predicting the clean image (see the module docstring).
 
     Args:

@@ -36,6 +36,8 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 
+from ...loading import StrictModelMixin
+
 __all__ = ["PIXELHDM_PRESETS", "PixelHDMTransformer2DModel", "PixelHDMTransformerOutput"]
 
 
@@ -356,7 +358,7 @@ class PixelHDMPixelBlock(nn.Module):
         return hidden_states, gamma_l2
 
 
-class PixelHDMTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class PixelHDMTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""PixelHDM dual-path pixel-space diffusion transformer.
 
     Args:

@@ -39,6 +39,8 @@ from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, CrossAtt
 from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 
+from ...loading import StrictModelMixin
+
 __all__ = ["PIXEL_SDXL_PRESETS", "PixelSDXLUNet2DConditionModel", "PixelSDXLUNetOutput"]
 
 PATCH_SIZES = (16, 32)
@@ -228,7 +230,7 @@ class PixelSDXLConvDecoder(nn.Module):
         return self.conv_out(self.conv_norm_out(x))
 
 
-class PixelSDXLUNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class PixelSDXLUNet2DConditionModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""Pixel-space SDXL U-Net: patch encoder, the SDXL U-Net body below the patch grid's level, patch decoder.
 
     Args:

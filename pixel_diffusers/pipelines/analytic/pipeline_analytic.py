@@ -16,6 +16,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...loading import StrictPipelineMixin
 from ...models.analytic.analytic_utils import AnalyticDenoiser
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -58,7 +59,7 @@ def r2(x: torch.Tensor, y: torch.Tensor) -> float:
     return (1 - (x - y).square().sum(1) / (y.shape[1] * variance)).mean().item()
 
 
-class AnalyticDiffusionPipeline(DiffusionPipeline):
+class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
     r"""
     Unconditional image generation with an analytic denoiser in pixel space.
 

@@ -13,6 +13,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...loading import StrictPipelineMixin
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
@@ -30,7 +31,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class JiTPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
+class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline):
     r"""
     JiT class-conditional image pipeline.
 

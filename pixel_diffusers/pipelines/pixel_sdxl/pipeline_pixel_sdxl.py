@@ -15,6 +15,7 @@ from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ...loading import StrictPipelineMixin
 from ...hub import PixelDiffusersHubMixin
 from ...models.unets.unet_pixel_sdxl import PixelSDXLUNet2DConditionModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
@@ -38,7 +39,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class PixelSDXLPipeline(PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusionXLLoraLoaderMixin):
+class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusionXLLoraLoaderMixin):
     r"""
     Pixel-space SDXL text-to-image pipeline.
 

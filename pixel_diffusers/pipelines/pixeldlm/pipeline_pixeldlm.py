@@ -16,6 +16,7 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
+from ...loading import StrictPipelineMixin
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
@@ -49,7 +50,7 @@ class PixelDLMPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class PixelDLMPipeline(PixelDiffusersHubMixin, DiffusionPipeline):
+class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline):
     r"""
     PixelDLM prompt -> answer pipeline.
 

@@ -16,6 +16,7 @@ from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ...loading import StrictPipelineMixin
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
 from ..flow_utils import current_sigma, flow_to_prediction, progress_total, retrieve_flow_timesteps, starts_a_step
@@ -40,7 +41,7 @@ class PixelHDMLoraLoaderMixin(SanaLoraLoaderMixin):
     """LoRA loading for pipelines whose only adaptable component is `transformer` (the same contract as Sana's)."""
 
 
-class PixelHDMPipeline(PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLoaderMixin):
+class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLoaderMixin):
     r"""
     PixelHDM text-to-image pipeline.
 

@@ -10,6 +10,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...loading import StrictPipelineMixin
 from ...models.small.small_utils import SmallDiffusionModel
 from ...schedulers.scheduling_gradient_estimation import GradientEstimationScheduler
 
@@ -24,7 +25,7 @@ class SmallDiffusionPipelineOutput(BaseOutput):
     images: object
 
 
-class SmallDiffusionPipeline(DiffusionPipeline):
+class SmallDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
     r"""
     Samples a [`SmallDiffusionModel`] with [`GradientEstimationScheduler`] (set its `gam` / `mu`).
 
