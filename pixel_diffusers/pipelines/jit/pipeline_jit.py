@@ -14,6 +14,7 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...loading import StrictPipelineMixin
+from .. import validation
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
@@ -95,27 +96,30 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
         return ids
 
     def check_inputs(self, class_labels, height, width, num_inference_steps, sigmas, guidance_scale,
-                     guidance_interval, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs):
+                     guidance_interval, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+                     latents=None, generator=None, callback_on_step_end=None):
         if class_labels is None or (isinstance(class_labels, (list, tuple)) and len(class_labels) == 0):
             raise ValueError("`class_labels` must be a class id or name, or a non-empty list of them.")
         size = self.transformer.config.sample_size
-        if height != size or width != size:
-            raise ValueError(f"`height` and `width` must equal the transformer's sample_size {size}; got {height}x{width}.")
-        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.")
+        for name, value in (("height", height), ("width", width)):
+            if not validation.is_int(value) or value != size:
+                raise ValueError(f"`{name}` must equal the transformer's sample_size {size}; got {value!r}.")
+        validation.check_sigmas(sigmas, num_inference_steps, validation.call_default(self, "num_inference_steps"))
+        validation.check_guidance_scale(guidance_scale)
         if guidance_interval is not None and (
-            len(guidance_interval) != 2 or not 0.0 <= guidance_interval[0] < guidance_interval[1] <= 1.0
+            not isinstance(guidance_interval, (list, tuple))
+            or len(guidance_interval) != 2
+            or not all(validation.is_number(v) for v in guidance_interval)
+            or not 0.0 <= guidance_interval[0] < guidance_interval[1] <= 1.0
         ):
             raise ValueError(f"`guidance_interval` must be (t_low, t_high) with 0 <= t_low < t_high <= 1, got {guidance_interval}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}.")
+        validation.check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
+        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        validation.check_callback(callback_on_step_end)
+        validation.check_generator(generator)
+        if latents is not None:
+            validation.check_tensor("latents", latents, (None, self.transformer.config.in_channels, size, size))
 
     def x0_to_prediction(self, x0: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Converts the transformer's x0 into the scheduler's prediction type (diffusers' flow schedulers without a
@@ -186,7 +190,9 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
             height, width (`int`, default: the transformer's `sample_size`): must equal it.
             num_inference_steps (`int`, defaults to 50): steps N of the grid `1, 1 - 1/N, ..., 1/N` (Heun evaluates the
                 transformer 2N - 1 times).
-            sigmas (`list[float]`, *optional*): custom decreasing noise levels in (0, 1] instead of that grid.
+            sigmas (`list[float]`, *optional*): custom decreasing noise levels in (0, 1] instead of that grid. As in
+                diffusers, `sigmas` win: their length is the number of steps (a different `num_inference_steps` given
+                beside them is ignored, with a warning).
             guidance_scale (`float`, defaults to 3.0): classifier-free guidance scale w (official evaluation: B 3.0,
                 L 2.4, H 2.2 at 256x256); 1 disables guidance.
             guidance_interval (`(t_low, t_high)`, defaults to (0.1, 1.0)): apply guidance only where
@@ -204,10 +210,11 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        height = height or self.default_sample_size
-        width = width or self.default_sample_size
+        height = self.default_sample_size if height is None else height
+        width = self.default_sample_size if width is None else width
         self.check_inputs(class_labels, height, width, num_inference_steps, sigmas, guidance_scale, guidance_interval,
-                          num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs)
+                          num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs, latents, generator,
+                          callback_on_step_end)
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
@@ -217,8 +224,7 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
         batch_size = labels.shape[0]
         shape = (batch_size, config.in_channels, height, width)
         if latents is None:
-            if isinstance(generator, list) and len(generator) != batch_size:
-                raise ValueError(f"`generator` is a list of {len(generator)} generators but {batch_size} images are generated.")
+            validation.check_generator(generator, batch_size)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * self.transformer.noise_scale
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
@@ -264,8 +270,9 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
                         callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    callback_outputs = validation.callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
                     latents = callback_outputs.pop("latents", latents)
+                validation.check_finite_step(latents, i, sigma)
                 if step_begins:
                     progress_bar.update()
 

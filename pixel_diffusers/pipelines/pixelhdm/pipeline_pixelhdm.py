@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...loading import StrictPipelineMixin
+from .. import validation
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
 from ..flow_utils import current_sigma, flow_to_prediction, progress_total, retrieve_flow_timesteps, starts_a_step
@@ -195,6 +196,9 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
         output_type,
         callback_on_step_end_tensor_inputs,
         max_sequence_length,
+        latents=None,
+        generator=None,
+        callback_on_step_end=None,
     ):
         if prompt is None and prompt_embeds is None:
             raise ValueError("Provide either `prompt` or `prompt_embeds`; both are None.")
@@ -204,57 +208,58 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
             raise ValueError(f"`prompt` must be a str or a non-empty list of str, got {type(prompt).__name__}.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Provide either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        for name, value in (("height", height), ("width", width)):
+            validation.check_size(name, value, self.patch_size)
+        validation.check_sigmas(sigmas, num_inference_steps, validation.call_default(self, "num_inference_steps"))
+        validation.check_guidance_scale(guidance_scale)
+        validation.check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        if guidance_interval is not None and (
+            not isinstance(guidance_interval, (list, tuple))
+            or len(guidance_interval) != 2
+            or not all(validation.is_number(v) for v in guidance_interval)
+            or not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0
+        ):
+            raise ValueError(
+                f"`guidance_interval` must be (sigma_low, sigma_high) with 0 <= sigma_low <= sigma_high <= 1, got {guidance_interval}."
+            )
+        validation.check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        if not validation.is_int(max_sequence_length) or not 1 <= max_sequence_length <= 511:
+            raise ValueError(
+                f"`max_sequence_length` must be an int in [1, 511] (the text axis of the transformer's mRoPE), got {max_sequence_length!r}."
+            )
+        for name, embeds, mask in (
+            ("prompt_embeds", prompt_embeds, prompt_attention_mask),
+            ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask),
+        ):
+            mask_name = name.replace("embeds", "attention_mask")
+            if embeds is None:
+                if mask is not None:
+                    raise ValueError(f"`{mask_name}` needs `{name}`.")
+                continue
+            validation.check_tensor(name, embeds, (None, None, self.transformer.config.text_embed_dim))
+            if not 1 <= embeds.shape[1] <= max_sequence_length:
+                raise ValueError(
+                    f"`{name}` must hold between 1 and max_sequence_length={max_sequence_length} tokens, got {embeds.shape[1]}."
+                )
+            if embeds.shape[0] == 0:
+                raise ValueError(f"`{name}` must hold at least one prompt, got batch size 0.")
+            if mask is not None:
+                validation.check_mask(mask_name, mask, embeds.shape[:2])
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+                raise ValueError("`negative_prompt_embeds` and `prompt_embeds` must have the same batch size.")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             if not (isinstance(negative_prompt, list) and all(isinstance(p, str) for p in negative_prompt)):
                 raise ValueError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}.")
             batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
             if len(negative_prompt) != batch:
                 raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts.")
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % self.patch_size:
-                raise ValueError(f"`{name}` must be a positive multiple of the patch size {self.patch_size}, got {value}.")
-        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale}.")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"`guidance_rescale` must lie in [0, 1], got {guidance_rescale}.")
-        if guidance_interval is not None:
-            if len(guidance_interval) != 2 or not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0:
-                raise ValueError(
-                    f"`guidance_interval` must be (sigma_low, sigma_high) with 0 <= sigma_low <= sigma_high <= 1, got {guidance_interval}."
-                )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt}.")
-        for name, embeds, mask in (
-            ("prompt_embeds", prompt_embeds, prompt_attention_mask),
-            ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask),
-        ):
-            if embeds is None:
-                if mask is not None:
-                    raise ValueError(f"`{name.replace('embeds', 'attention_mask')}` needs `{name}`.")
-                continue
-            width_expected = self.transformer.config.text_embed_dim
-            if embeds.ndim != 3 or embeds.shape[-1] != width_expected:
-                raise ValueError(f"`{name}` must have shape (batch, tokens, {width_expected}), got {tuple(embeds.shape)}.")
-            if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
-                raise ValueError(
-                    f"`{name.replace('embeds', 'attention_mask')}` must have shape {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}."
-                )
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
-                raise ValueError("`negative_prompt_embeds` and `prompt_embeds` must have the same batch size.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
-            )
-        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 511:
-            raise ValueError(
-                f"`max_sequence_length` must be an int in [1, 511] (the text axis of the transformer's mRoPE), got {max_sequence_length}."
-            )
+        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
+        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        validation.check_callback(callback_on_step_end)
+        validation.check_generator(generator)
+        if latents is not None:
+            validation.check_tensor("latents", latents, (None, self.transformer.config.in_channels, height, width))
 
     def prepare_latents(self, batch_size, height, width, device, generator, latents=None) -> torch.Tensor:
         """Pure Gaussian noise of shape (batch, 3, height, width) in float32 (the sampler state stays float32)."""
@@ -263,10 +268,7 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
             return latents.to(device=device, dtype=torch.float32)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators but {batch_size} images are generated."
-            )
+        validation.check_generator(generator, batch_size)
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
     def velocity_to_prediction(self, velocity: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -333,6 +335,8 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
             num_inference_steps (`int`, defaults to 50): sampling steps (a second-order solver evaluates the
                 transformer about twice per step).
             sigmas (`list[float]`, *optional*): custom noise levels in (0, 1], decreasing; overrides the scheduler's.
+                As in diffusers, `sigmas` win: their length is the number of steps (a different
+                `num_inference_steps` given beside them is ignored, with a warning).
             guidance_scale (`float`, defaults to 7.5): classifier-free guidance scale; `<= 1` disables guidance.
             guidance_rescale (`float`, defaults to 0.0): the rescaled-CFG factor φ, mixing the guided prediction
                 with a copy rescaled to the conditional prediction's standard deviation.
@@ -357,8 +361,8 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        height = height or self.default_sample_size
-        width = width or self.default_sample_size
+        height = self.default_sample_size if height is None else height
+        width = self.default_sample_size if width is None else width
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -377,6 +381,9 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
             output_type,
             callback_on_step_end_tensor_inputs,
             max_sequence_length,
+            latents,
+            generator,
+            callback_on_step_end,
         )
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -441,10 +448,11 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
                         callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    callback_outputs = validation.callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                validation.check_finite_step(latents, i, sigma)
                 if step_begins:
                     progress_bar.update()
 
