@@ -55,9 +55,9 @@ def check_guidance_scale(value) -> None:
 
 
 def check_size(name: str, value, multiple: int = 1) -> None:
-    """A positive int multiple of `multiple` (an image side)."""
+    """A positive int multiple of `multiple` (an image side, `multiple` the patch size)."""
     if not is_int(value) or value < 1 or value % multiple:
-        raise ValueError(f"`{name}` must be a positive int multiple of {multiple}, got {value!r}.")
+        raise ValueError(f"`{name}` must be a positive multiple of the patch size {multiple} (an int), got {value!r}.")
 
 
 def check_flag(name: str, value) -> None:

@@ -17,6 +17,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...loading import StrictPipelineMixin
+from .. import validation
 from ...models.analytic.analytic_utils import AnalyticDenoiser
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -113,18 +114,18 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
         channels = config.get("in_channels", 3)
         return channels, config.sample_size, config.sample_size
 
-    def check_inputs(self, batch_size, num_inference_steps, output_type, latents, callback_on_step_end_tensor_inputs):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if latents is not None and tuple(latents.shape) != (batch_size,) + self._shape():
-            raise ValueError(f"`latents` must have shape {[batch_size, *self._shape()]}, got {list(latents.shape)}.")
-        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got {sorted(unknown)}.")
+    def check_inputs(self, batch_size, num_inference_steps, output_type, latents, callback_on_step_end_tensor_inputs,
+                     generator=None, callback_on_step_end=None):
+        validation.check_positive_int("batch_size", batch_size)
+        validation.check_positive_int("num_inference_steps", num_inference_steps)
+        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
+        if latents is not None:
+            validation.check_tensor("latents", latents, (batch_size,) + self._shape())
+        if isinstance(generator, (list, tuple)):  # it also draws the denoiser's and the scheduler's noise
+            raise TypeError("`generator` must be a single torch.Generator (or None) for this pipeline, got a list.")
+        validation.check_generator(generator)
+        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        validation.check_callback(callback_on_step_end)
 
     @torch.no_grad()
     def __call__(
@@ -155,11 +156,12 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, {"latents": ...})` after
                 every step; may return a replacement `latents`.
         """
-        self.check_inputs(batch_size, num_inference_steps, output_type, latents, callback_on_step_end_tensor_inputs)
+        self.check_inputs(batch_size, num_inference_steps, output_type, latents, callback_on_step_end_tensor_inputs,
+                          generator, callback_on_step_end)
         device = self._execution_device
         if latents is None:
             latents = randn_tensor((batch_size,) + self._shape(), generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         timesteps, trajectory_xt, trajectory_x0 = [], [], []
@@ -174,8 +176,9 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
             prediction = self._to_prediction(x0, model_input, t)
             latents = self.scheduler.step(prediction, t, latents, return_dict=False, **step_kwargs)[0]
             if callback_on_step_end is not None:
-                outputs = callback_on_step_end(self, i, t, {"latents": latents})
+                outputs = validation.callback_outputs(callback_on_step_end(self, i, t, {"latents": latents}))
                 latents = outputs.pop("latents", latents)
+            validation.check_finite_step(latents, i, t)
 
         image = latents if output_type == "latent" else self.image_processor.postprocess(x0, output_type=output_type)
         self.maybe_free_model_hooks()

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ...loading import StrictPipelineMixin
+from .. import validation
 from ...hub import PixelDiffusersHubMixin
 from ...models.unets.unet_pixel_sdxl import PixelSDXLUNet2DConditionModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
@@ -186,21 +187,54 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
         target_size,
         output_type,
         callback_on_step_end_tensor_inputs,
+        latents=None,
+        generator=None,
+        callback_on_step_end=None,
     ):
         if prompt is None and prompt_embeds is None:
             raise ValueError("Provide either `prompt` or `prompt_embeds`; both are None.")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Provide either `prompt` or `prompt_embeds`, not both.")
-        batch = None
         for name, value in (("prompt", prompt), ("prompt_2", prompt_2), ("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2)):
             if value is None or isinstance(value, str):
                 continue
             if not (isinstance(value, list) and value and all(isinstance(p, str) for p in value)):
                 raise ValueError(f"`{name}` must be a str or a non-empty list of str, got {type(value).__name__}.")
+        context_width = self.unet.config.cross_attention_dim
+        config = self.unet.config
+        pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        tokens = self.tokenizer.model_max_length if self.tokenizer is not None else None
+        for name, embeds, pooled_name, pooled in (
+            ("prompt_embeds", prompt_embeds, "pooled_prompt_embeds", pooled_prompt_embeds),
+            ("negative_prompt_embeds", negative_prompt_embeds, "negative_pooled_prompt_embeds", negative_pooled_prompt_embeds),
+        ):
+            if embeds is None:
+                if pooled is not None:
+                    raise ValueError(f"`{pooled_name}` needs `{name}`.")
+                continue
+            if pooled is None:
+                raise ValueError(f"`{name}` needs `{pooled_name}` (the second encoder's pooled output).")
+            validation.check_tensor(name, embeds, (None, None, context_width))
+            if embeds.shape[0] == 0 or embeds.shape[1] == 0:
+                raise ValueError(f"`{name}` must hold at least one prompt of at least one token, got {tuple(embeds.shape)}.")
+            validation.check_tensor(pooled_name, pooled, (embeds.shape[0], pooled_width))
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError("`negative_prompt_embeds` and `prompt_embeds` must have the same shape.")
+        elif tokens is not None and validation.is_number(guidance_scale) and guidance_scale > 1:
+            # The branch given as text is encoded here, `tokens` long, and batched with the one given as embeddings.
+            for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+                if embeds is not None and embeds.shape[1] != tokens:
+                    raise ValueError(
+                        f"`{name}` must hold {tokens} tokens (the tokenizer's model_max_length) when the other branch "
+                        f"is encoded by the pipeline, got {embeds.shape[1]}; or pass both embeddings."
+                    )
         if prompt is not None:
             batch = 1 if isinstance(prompt, str) else len(prompt)
-        elif prompt_embeds is not None:
+        else:
             batch = prompt_embeds.shape[0]
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != batch:
+            raise ValueError(f"`negative_prompt_embeds` holds {negative_prompt_embeds.shape[0]} prompts but there are {batch}.")
         for name, value in (("prompt_2", prompt_2), ("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2)):
             if isinstance(value, list) and len(value) != batch:
                 raise ValueError(f"`{name}` has {len(value)} entries but there are {batch} prompts.")
@@ -208,36 +242,23 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
             raise ValueError("`prompt_2` needs `prompt` (with `prompt_embeds`, encode both prompts yourself).")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Provide either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (the second encoder's pooled output).")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds`.")
-        context_width = self.unet.config.cross_attention_dim
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is not None and (embeds.ndim != 3 or embeds.shape[-1] != context_width):
-                raise ValueError(f"`{name}` must have shape (batch, tokens, {context_width}), got {tuple(embeds.shape)}.")
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError("`negative_prompt_embeds` and `prompt_embeds` must have the same shape.")
+        if negative_prompt_2 is not None and negative_prompt_embeds is not None:
+            raise ValueError("Provide either `negative_prompt_2` or `negative_prompt_embeds`, not both.")
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % self.patch_size:
-                raise ValueError(f"`{name}` must be a positive multiple of the patch size {self.patch_size}, got {value}.")
-        for name, value in (("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left), ("target_size", target_size)):
-            if value is not None and (len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)):
-                raise ValueError(f"`{name}` must be a pair of numbers (height, width) / (top, left), got {value!r}.")
-        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
-            )
+            validation.check_size(name, value, self.patch_size)
+        for name, value in (("original_size", original_size), ("target_size", target_size)):
+            if value is not None:
+                validation.check_pair(name, value, minimum=1)
+        validation.check_pair("crops_coords_top_left", crops_coords_top_left, minimum=0)
+        validation.check_sigmas(sigmas, num_inference_steps, validation.call_default(self, "num_inference_steps"))
+        validation.check_guidance_scale(guidance_scale)
+        validation.check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
+        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        validation.check_callback(callback_on_step_end)
+        validation.check_generator(generator)
+        if latents is not None:
+            validation.check_tensor("latents", latents, (None, self.unet.config.in_channels, height, width))
 
     def prepare_latents(self, batch_size, height, width, device, generator, latents=None) -> torch.Tensor:
         """Pure Gaussian noise of shape (batch, 3, height, width) in float32 (the sampler state stays float32)."""
@@ -246,8 +267,7 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
             return latents.to(device=device, dtype=torch.float32)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators but {batch_size} images are generated.")
+        validation.check_generator(generator, batch_size)
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
     @staticmethod
@@ -327,7 +347,9 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
                 `sample_size` (the training resolution), or 1024 for a config without one.
             num_inference_steps (`int`, defaults to 30): Euler steps on the grid `1, (N-1)/N, ..., 1/N` (shifted by the
                 scheduler's `shift`), then the step to sigma 0.
-            sigmas (`list[float]`, *optional*): custom noise levels in (0, 1], decreasing; overrides that grid.
+            sigmas (`list[float]`, *optional*): custom noise levels in (0, 1], decreasing; overrides that grid. As in
+                diffusers, `sigmas` win: their length is the number of steps (a different `num_inference_steps` given
+                beside them is ignored, with a warning).
             guidance_scale (`float`, defaults to 7.0): classifier-free guidance on the x0 estimates; `<= 1` disables
                 it.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
@@ -349,8 +371,8 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        height = height or self.default_sample_size
-        width = width or self.default_sample_size
+        height = self.default_sample_size if height is None else height
+        width = self.default_sample_size if width is None else width
         self.check_inputs(
             prompt,
             prompt_2,
@@ -371,6 +393,9 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
             target_size,
             output_type,
             callback_on_step_end_tensor_inputs,
+            latents,
+            generator,
+            callback_on_step_end,
         )
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -438,11 +463,12 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
                         callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    callback_outputs = validation.callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     add_text_embeds = callback_outputs.pop("add_text_embeds", add_text_embeds)
                     add_time_ids = callback_outputs.pop("add_time_ids", add_time_ids)
+                validation.check_finite_step(latents, i, sigma)
                 if step_begins:
                     progress_bar.update()
 

@@ -182,6 +182,8 @@ class TextPixelCodec:
             raise ValueError(
                 f"images must have shape (B, 3, {self.image_size}, {self.image_size}); got {tuple(images.shape)}."
             )
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images hold NaN or inf values; there is no token colour to read from them.")
         colors = images.detach().cpu().permute(0, 2, 3, 1).reshape(images.shape[0], self.capacity, 3)
         ids = self.snap(colors) if snap else self.colors_to_ids(colors)
         texts = []

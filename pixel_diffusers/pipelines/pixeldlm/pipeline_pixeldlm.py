@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
 from ...loading import StrictPipelineMixin
+from .. import validation
 from ...hub import PixelDiffusersHubMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
@@ -110,24 +111,25 @@ class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
         return images.to(device or self._execution_device).repeat_interleave(num_images_per_prompt, dim=0)
 
     def check_inputs(self, prompt, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, output_type,
-                     callback_on_step_end_tensor_inputs):
+                     callback_on_step_end_tensor_inputs, latents=None, generator=None, snap=False,
+                     callback_on_step_end=None):
         if prompt is not None and not (
             isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
         ):
             raise ValueError(f"`prompt` must be None (unconditional), a str or a non-empty list of str; got {prompt!r}.")
-        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.")
+        validation.check_sigmas(sigmas, num_inference_steps, validation.call_default(self, "num_inference_steps"))
+        validation.check_guidance_scale(guidance_scale)
         if prompt is None and guidance_scale != 1.0:
             raise ValueError("`guidance_scale` needs a `prompt` (unconditional generation has nothing to guide towards).")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}.")
+        validation.check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
+        validation.check_flag("snap", snap)
+        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        validation.check_callback(callback_on_step_end)
+        validation.check_generator(generator)
+        if latents is not None:
+            size, channels = self.transformer.config.sample_size, self.transformer.config.in_channels
+            validation.check_tensor("latents", latents, (None, channels, size, size))
 
     def x0_to_prediction(self, x0: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Converts the transformer's x0 into the scheduler's prediction type (flow schedulers without a
@@ -178,6 +180,8 @@ class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
             prompt (`str`, `list[str]` or None): the prompt(s); None samples `num_images_per_prompt` unconditional texts.
             num_inference_steps (`int`, defaults to 50): model evaluations N of the DDIM sampler.
             sigmas (`list[float]`, *optional*): custom decreasing noise levels in (0, 1) instead of the default grid.
+                As in diffusers, `sigmas` win: their length is the number of steps (a different
+                `num_inference_steps` given beside them is ignored, with a warning).
             guidance_scale (`float`, defaults to 1.0): classifier-free guidance w; only for models trained with
                 condition dropout.
             num_images_per_prompt (`int`, defaults to 1): answers per prompt.
@@ -194,7 +198,7 @@ class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(prompt, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, output_type,
-                          callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs, latents, generator, snap, callback_on_step_end)
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
@@ -204,8 +208,7 @@ class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
         batch_size = num_images_per_prompt if condition is None else condition.shape[0]
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         if latents is None:
-            if isinstance(generator, list) and len(generator) != batch_size:
-                raise ValueError(f"`generator` is a list of {len(generator)} generators but {batch_size} texts are generated.")
+            validation.check_generator(generator, batch_size)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
@@ -249,8 +252,9 @@ class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
                         callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    callback_outputs = validation.callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
                     latents = callback_outputs.pop("latents", latents)
+                validation.check_finite_step(latents, i, sigma)
                 if step_begins:
                     progress_bar.update()
 
