@@ -183,6 +183,20 @@ def check_finite_step(latents: torch.Tensor, step: int, sigma) -> None:
         )
 
 
+def check_sampling_call(
+    pipeline, output_type, output_types, callback_on_step_end_tensor_inputs, callback_on_step_end, generator, latents,
+    latents_shape,
+) -> None:
+    """The checks every sampling `__call__` shares: `output_type`, the step-end callback and its tensor names,
+    `generator`, and `latents` of `latents_shape` (None entries: any size)."""
+    check_choice("output_type", output_type, output_types)
+    check_callback_inputs(callback_on_step_end_tensor_inputs, pipeline._callback_tensor_inputs)
+    check_callback(callback_on_step_end)
+    check_generator(generator)
+    if latents is not None:
+        check_tensor("latents", latents, latents_shape)
+
+
 def call_default(pipeline, name: str):
     """The default of `name` in the pipeline's `__call__` signature."""
     return inspect.signature(type(pipeline).__call__).parameters[name].default

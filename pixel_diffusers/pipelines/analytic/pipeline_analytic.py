@@ -118,14 +118,12 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
                      generator=None, callback_on_step_end=None):
         validation.check_positive_int("batch_size", batch_size)
         validation.check_positive_int("num_inference_steps", num_inference_steps)
-        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
-        if latents is not None:
-            validation.check_tensor("latents", latents, (batch_size,) + self._shape())
         if isinstance(generator, (list, tuple)):  # it also draws the denoiser's and the scheduler's noise
             raise TypeError("`generator` must be a single torch.Generator (or None) for this pipeline, got a list.")
-        validation.check_generator(generator)
-        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        validation.check_callback(callback_on_step_end)
+        validation.check_sampling_call(
+            self, output_type, OUTPUT_TYPES, callback_on_step_end_tensor_inputs, callback_on_step_end, generator,
+            latents, (batch_size,) + self._shape(),
+        )
 
     @torch.no_grad()
     def __call__(

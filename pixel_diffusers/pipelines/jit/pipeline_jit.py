@@ -114,12 +114,10 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
         ):
             raise ValueError(f"`guidance_interval` must be (t_low, t_high) with 0 <= t_low < t_high <= 1, got {guidance_interval}.")
         validation.check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
-        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        validation.check_callback(callback_on_step_end)
-        validation.check_generator(generator)
-        if latents is not None:
-            validation.check_tensor("latents", latents, (None, self.transformer.config.in_channels, size, size))
+        validation.check_sampling_call(
+            self, output_type, OUTPUT_TYPES, callback_on_step_end_tensor_inputs, callback_on_step_end, generator,
+            latents, (None, self.transformer.config.in_channels, size, size),
+        )
 
     def x0_to_prediction(self, x0: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Converts the transformer's x0 into the scheduler's prediction type (diffusers' flow schedulers without a

@@ -253,12 +253,10 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
         validation.check_sigmas(sigmas, num_inference_steps, validation.call_default(self, "num_inference_steps"))
         validation.check_guidance_scale(guidance_scale)
         validation.check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
-        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        validation.check_callback(callback_on_step_end)
-        validation.check_generator(generator)
-        if latents is not None:
-            validation.check_tensor("latents", latents, (None, self.unet.config.in_channels, height, width))
+        validation.check_sampling_call(
+            self, output_type, OUTPUT_TYPES, callback_on_step_end_tensor_inputs, callback_on_step_end, generator,
+            latents, (None, self.unet.config.in_channels, height, width),
+        )
 
     def prepare_latents(self, batch_size, height, width, device, generator, latents=None) -> torch.Tensor:
         """Pure Gaussian noise of shape (batch, 3, height, width) in float32 (the sampler state stays float32)."""

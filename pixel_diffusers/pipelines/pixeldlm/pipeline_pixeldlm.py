@@ -122,14 +122,12 @@ class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
         if prompt is None and guidance_scale != 1.0:
             raise ValueError("`guidance_scale` needs a `prompt` (unconditional generation has nothing to guide towards).")
         validation.check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
         validation.check_flag("snap", snap)
-        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        validation.check_callback(callback_on_step_end)
-        validation.check_generator(generator)
-        if latents is not None:
-            size, channels = self.transformer.config.sample_size, self.transformer.config.in_channels
-            validation.check_tensor("latents", latents, (None, channels, size, size))
+        size, channels = self.transformer.config.sample_size, self.transformer.config.in_channels
+        validation.check_sampling_call(
+            self, output_type, OUTPUT_TYPES, callback_on_step_end_tensor_inputs, callback_on_step_end, generator,
+            latents, (None, channels, size, size),
+        )
 
     def x0_to_prediction(self, x0: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Converts the transformer's x0 into the scheduler's prediction type (flow schedulers without a

@@ -254,12 +254,10 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
             batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
             if len(negative_prompt) != batch:
                 raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts.")
-        validation.check_choice("output_type", output_type, OUTPUT_TYPES)
-        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        validation.check_callback(callback_on_step_end)
-        validation.check_generator(generator)
-        if latents is not None:
-            validation.check_tensor("latents", latents, (None, self.transformer.config.in_channels, height, width))
+        validation.check_sampling_call(
+            self, output_type, OUTPUT_TYPES, callback_on_step_end_tensor_inputs, callback_on_step_end, generator,
+            latents, (None, self.transformer.config.in_channels, height, width),
+        )
 
     def prepare_latents(self, batch_size, height, width, device, generator, latents=None) -> torch.Tensor:
         """Pure Gaussian noise of shape (batch, 3, height, width) in float32 (the sampler state stays float32)."""
