@@ -68,8 +68,9 @@ def test_metadata_batches(tmp_path):
     assert sorted(batches.buckets) == [(48, 80), (64, 64), (80, 64)]  # 40x40 is too small; 96x160 scaled down
     stream = iter(batches)
     seen = [next(stream) for _ in range(3)]
-    # The corrupt file is alone in its bucket (its batch is filled with copies of it): skipped and counted.
-    assert [b["num_skipped"] for b in seen if b["pixel_values"] is None] == [2]
+    # The corrupt file is alone in its bucket (its batch is filled with copies of it): skipped and counted once.
+    assert [b["num_skipped"] for b in seen if b["pixel_values"] is None] == [1]
+    assert list(batches.skipped_files) == [str(tmp_path / "bad.png")]
     for batch in seen:
         if batch["pixel_values"] is None:
             continue

@@ -9,6 +9,15 @@ through `metadata.MetadataBatches`.
 
 Every random choice of an item (crop, flip, caption dropout) is drawn from a generator seeded by (seed, epoch, index),
 so a resumed run sees exactly the batches an uninterrupted one would.
+
+Images are read faithfully ([`to_rgb`]): EXIF orientation applied; 16-bit and 32-bit integer images scaled from
+their 16-bit range and float images from [0, 1] (clipped) to 8 bits instead of being clipped to white or black;
+transparency (RGBA, LA, PA, palette transparency) composited on white (`ALPHA_BACKGROUND`); palette, CMYK, LA, 1-bit
+and other modes converted to RGB; the first frame of animated files. Images of more than `max_image_pixels` pixels
+(default `MAX_IMAGE_PIXELS`) are skipped before they are decoded. Captions are read as UTF-8 (a BOM is dropped),
+else UTF-16 when a UTF-16 BOM says so, else as cp1252 / latin-1 with a warning naming the file; a caption never costs
+its image. Each file that is skipped is counted once and named, with the reason, in the `skipped_files` log (the
+logger `pixel_diffusers.training_utils.data.skipped_files`) and in the dataset's `skipped_files` dict.
 """
 
 from __future__ import annotations
@@ -24,11 +33,63 @@ import torch
 from PIL import Image
 
 from .sources import IMAGE_EXTENSIONS, open_image_source, resolve_columns
+skipped_files_log = logging.getLogger(f"{__name__}.skipped_files")
+
+# Images above this many pixels are skipped unread (a 12000 x 12000 decompression bomb is 144M); 8192 x 8192 passes.
+MAX_IMAGE_PIXELS = 8192 * 8192
+ALPHA_BACKGROUND = (255, 255, 255)
 
 logger = logging.getLogger(__name__)
 
 # Aspect ratios (width / height) the buckets are built from; each ratio comes with its inverse.
 _BUCKET_ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of `image` read faithfully (see the module docstring): EXIF orientation, the true range of
+    16-bit / 32-bit integer and float images, alpha composited on `ALPHA_BACKGROUND`."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            if not np.isfinite(values).all():
+                raise ValueError("the float image holds NaN or inf values")
+            values = values.clip(0.0, 1.0) * 255.0  # float images are in [0, 1]
+        else:
+            if values.min() < 0 or values.max() > 65535:
+                raise ValueError(f"the {image.mode} image has values outside the 16-bit range [0, 65535]")
+            values = values * (255.0 / 65535.0)
+        image = Image.fromarray(np.round(values).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_caption(path: Path) -> str:
+    """The caption text of `path` (see the module docstring for the encodings tried)."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16").strip()
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    logger.warning("Caption %s is not UTF-8; read it as cp1252 / latin-1.", path)
+    return text.strip()
+
+
+def _name_of(source, index: int) -> str:
+    return source.name_of(index) if hasattr(source, "name_of") else f"item {index}"
 
 
 class ImageCaptionFolder:
@@ -54,12 +115,15 @@ class ImageCaptionFolder:
         except Exception:  # noqa: BLE001 - any unreadable file is skipped and counted
             return None
 
+    def name_of(self, index: int) -> str:
+        return str(self.paths[index])
+
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)
         caption_path = path.with_suffix(self.caption_extension)
-        caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.exists() else ""
+        caption = read_caption(caption_path) if caption_path.exists() else ""
         return {"image": image, "caption": caption}
 
 
@@ -94,10 +158,15 @@ class HFImageCaptionSource:
         except Exception:  # noqa: BLE001
             return None
 
+    def name_of(self, index: int) -> str:
+        value = self.dataset[index][self.image_column]
+        path = value.get("path") if isinstance(value, dict) else None
+        return f"row {index}" + (f" ({path})" if path else "")
+
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[index]
         item = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column)}
-        item["image"] = _open_encoded(row[self.image_column]).convert("RGB")
+        item["image"] = to_rgb(_open_encoded(row[self.image_column]))
         item["caption"] = str(row[self.caption_column] or "") if self.caption_column else ""
         if self.class_column:
             item["class_label"] = int(row[self.class_column])
@@ -312,8 +381,10 @@ class BucketedImageDataset(torch.utils.data.Dataset):
     """Turns a source into training items for `BucketBatchSampler` batches: pixel_values at the bucket's size, the
     caption (replaced by "" with probability `caption_dropout`) and the source's extra fields.
 
-    Bucket assignment reads every item's size once at construction; unreadable items are left out and counted in
-    `num_unreadable`. An item that fails to decode later is returned as None and counted by `collate`.
+    Bucket assignment reads every item's size once at construction; unreadable items and items of more than
+    `max_image_pixels` pixels are left out and counted in `num_unreadable`. An item that fails to decode later is
+    returned as None and counted by `collate` the first time only (`SampledBatches` counts new names). Every skipped
+    file is in `skipped_files` (name -> reason) and named once in the `skipped_files` log.
     """
 
     def __init__(
@@ -324,18 +395,35 @@ class BucketedImageDataset(torch.utils.data.Dataset):
         caption_dropout: float = 0.1,
         random_crop: bool = True,
         flip_p: float = 0.5,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}.")
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be a positive int, got {max_image_pixels!r}.")
         self.source, self.buckets, self.seed = source, buckets, seed
         self.caption_dropout, self.random_crop, self.flip_p = caption_dropout, random_crop, flip_p
+        self.skipped_files: dict[str, str] = {}
         self.bucket_ids: list[int | None] = []
         for index in range(len(source)):
             size = source.size_of(index)
+            if size is None:
+                self.skip(index, "unreadable (the image header cannot be read)")
+            elif size[0] * size[1] > max_image_pixels:
+                self.skip(index, f"{size[1]}x{size[0]} = {size[0] * size[1]} pixels, over max_image_pixels={max_image_pixels}")
+                size = None
             self.bucket_ids.append(None if size is None else buckets.assign(*size))
         self.num_unreadable = self.bucket_ids.count(None)
         if self.num_unreadable:
             logger.warning("Skipping %d unreadable file(s) of %d.", self.num_unreadable, len(source))
+
+    def skip(self, index: int, reason: str) -> str:
+        """Records item `index` as skipped (logged by name the first time); returns its name."""
+        name = _name_of(self.source, index)
+        if name not in self.skipped_files:
+            self.skipped_files[name] = reason
+            skipped_files_log.warning("skipped_files: %s: %s", name, reason)
+        return name
 
     def __len__(self) -> int:
         return len(self.source)
@@ -348,8 +436,7 @@ class BucketedImageDataset(torch.utils.data.Dataset):
             item = dict(self.source[index])
             pixels = preprocess_image(item.pop("image"), height, width, self.random_crop, self.flip_p, rng)
         except Exception as error:  # noqa: BLE001 - a file that fails to decode is skipped, never fatal
-            logger.warning("Skipping item %d: %s", index, error)
-            return None
+            return {"skipped": self.skip(index, f"{type(error).__name__}: {error}")}
         if rng.random() < self.caption_dropout:
             item["caption"] = ""
         item["pixel_values"] = pixels
@@ -357,11 +444,17 @@ class BucketedImageDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict | None]) -> dict | None:
-    """Stacks the readable items of a batch; `num_skipped` counts the others. None when none was readable."""
-    kept = [item for item in items if item is not None]
+    """Stacks the readable items of a batch; `num_skipped` counts the others and `skipped_files` names them (when
+    they are named). `pixel_values` is None when none was readable."""
+    kept = [item for item in items if item is not None and "skipped" not in item]
+    skipped = [item["skipped"] for item in items if item is not None and "skipped" in item]
     if not kept:
-        return {"num_skipped": len(items), "pixel_values": None}
-    batch = {"pixel_values": torch.stack([item["pixel_values"] for item in kept]), "num_skipped": len(items) - len(kept)}
+        return {"num_skipped": len(items), "pixel_values": None, "skipped_files": skipped}
+    batch = {
+        "pixel_values": torch.stack([item["pixel_values"] for item in kept]),
+        "num_skipped": len(items) - len(kept),
+        "skipped_files": skipped,
+    }
     batch["captions"] = [item["caption"] for item in kept]
     if "class_label" in kept[0]:
         batch["class_labels"] = torch.tensor([item["class_label"] for item in kept])
@@ -413,10 +506,15 @@ class StreamingBucketBatches:
         self.random_crop, self.flip_p = random_crop, flip_p
         self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
         self.rows_done, self.waiting = 0, []  # position in this epoch's stream; rows held in unfilled buckets
+        self.max_image_pixels = MAX_IMAGE_PIXELS
+        self.skipped_files: dict[str, str] = {}
 
     def _item(self, row: dict, epoch: int, position: int) -> tuple[int, dict]:
         rng = np.random.default_rng((self.seed, epoch, position))
-        image = _open_encoded(row[self.image_column]).convert("RGB")
+        image = _open_encoded(row[self.image_column])
+        if image.width * image.height > self.max_image_pixels:
+            raise ValueError(f"{image.width}x{image.height} pixels, over max_image_pixels={self.max_image_pixels}")
+        image = to_rgb(image)
         bucket = self.buckets.assign(image.height, image.width)
         height, width = self.buckets.sizes[bucket]
         pixels = preprocess_image(image, height, width, self.random_crop, self.flip_p, rng)
@@ -444,9 +542,14 @@ class StreamingBucketBatches:
             try:
                 bucket, item = self._item(row, epoch, position)
             except Exception as error:  # noqa: BLE001
-                skipped += 1
-                self.num_skipped += 1
-                logger.warning("Skipping a streamed row of %s: %s", self.name, error)
+                value = row.get(self.image_column)
+                path = value.get("path") if isinstance(value, dict) else None
+                name = f"{self.name}: " + (path or f"streamed row {position} of process {self.rank}")
+                if name not in self.skipped_files:  # counted and named once, however often it is drawn
+                    self.skipped_files[name] = f"{type(error).__name__}: {error}"
+                    skipped += 1
+                    self.num_skipped += 1
+                    skipped_files_log.warning("skipped_files: %s: %s", name, self.skipped_files[name])
                 continue
             pending.setdefault(bucket, []).append(item)
             if not replay and len(pending[bucket]) == self.batch_size:
@@ -514,6 +617,8 @@ def add_image_data_args(parser) -> None:
     data.add_argument("--flip_probability", type=float, default=0.5, help="How often --random_flip flips.")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
     data.add_argument("--cache_dir", type=str, default=None)
+    data.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
+                      help="Skip (and name) images of more pixels than this, before decoding them.")
     meta = parser.add_argument_group("metadata JSON (--metadata_json)")
     meta.add_argument("--bucket_area", type=int, default=1024 * 1024, help="Images larger than this are scaled down.")
     meta.add_argument("--min_bucket_area", type=int, default=768 * 768, help="Smaller (floored) images are skipped.")
@@ -576,12 +681,16 @@ def build_image_batches(args, num_replicas: int = 1, rank: int = 0):
                 num_replicas, rank, args.shuffle_buffer, args.caption_dropout, not args.center_crop, flip_p,
                 name=f"{argument}={name!r}", class_column=class_column,
             )
+            batches.max_image_pixels = getattr(args, "max_image_pixels", MAX_IMAGE_PIXELS)
             return batches, None
     else:
         raise ValueError(
             "Give one data source: --dataset_name, --train_data_dir, --metadata_json or --shapes_dataset_size."
         )
-    dataset = BucketedImageDataset(source, buckets, args.seed, args.caption_dropout, not args.center_crop, flip_p)
+    dataset = BucketedImageDataset(
+        source, buckets, args.seed, args.caption_dropout, not args.center_crop, flip_p,
+        getattr(args, "max_image_pixels", MAX_IMAGE_PIXELS),
+    )
     if dataset.num_unreadable == len(dataset):
         raise ValueError(f"{argument}={name!r}: none of its {len(dataset)} images is readable.")
     sampler = BucketBatchSampler(dataset.bucket_ids, args.train_batch_size, args.seed, num_replicas, rank)
@@ -596,11 +705,12 @@ class SampledBatches:
 
     def __init__(self, dataset: BucketedImageDataset, sampler: BucketBatchSampler, num_workers: int = 0):
         self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+        self._counted: set[str] = set()
 
     def __iter__(self):
         if self.num_workers == 0:
             for keys in self.sampler:
-                yield collate([self.dataset[key] for key in keys])
+                yield self._count_once(collate([self.dataset[key] for key in keys]))
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=copy.deepcopy(self.sampler), num_workers=self.num_workers, collate_fn=collate
@@ -608,7 +718,19 @@ class SampledBatches:
         position = iter(self.sampler)
         for batch in loader:
             next(position)  # the sampler's state follows the batches handed out, not the ones prefetched
-            yield batch
+            yield self._count_once(batch)
+
+    def _count_once(self, batch: dict) -> dict:
+        """`num_skipped` counts the files skipped for the first time (a bad file is drawn again every epoch); the
+        main process keeps the names (worker processes have their own copies of the dataset)."""
+        new = [name for name in dict.fromkeys(batch.get("skipped_files", [])) if name not in self._counted]
+        self._counted.update(new)
+        for name in new:
+            if name not in self.dataset.skipped_files:  # recorded in a worker process
+                self.dataset.skipped_files[name] = "failed to decode"
+                skipped_files_log.warning("skipped_files: %s: failed to decode", name)
+        batch["num_skipped"] = len(new)
+        return batch
 
     def __len__(self) -> int:
         return len(self.sampler)

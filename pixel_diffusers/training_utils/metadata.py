@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import EpochPosition
+from .data import EpochPosition, skipped_files_log, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class MetadataBatches(EpochPosition):
     items within buckets (a short last batch is filled with random items of the same bucket) and then the batch order,
     seeded by (seed, epoch); batch k goes to process k % num_replicas. Every item carries SDXL's conditioning:
     `original_size` (H, W) before resizing, `crop_top_left` after resizing, and the bucket as target size.
-    A file that fails to load is skipped and counted in the batch's `num_skipped`."""
+    A file that fails to load is skipped, counted once (in the batch's `num_skipped` the first time) and named in
+    the `skipped_files` log."""
 
     def __init__(self, files, batch_size, seed, caption_dropout, flip_p, area, min_area, step, max_tag_dropout,
                  min_tags, num_replicas=1, rank=0):
@@ -90,6 +91,7 @@ class MetadataBatches(EpochPosition):
         self.max_tag_dropout, self.min_tags = max_tag_dropout, min_tags
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.batches_done = 0, 0
+        self.skipped_files: dict[str, str] = {}
         if len(self) == 0:
             raise ValueError(f"metadata_json: {len(self.items)} images make fewer batches than {num_replicas} processes.")
 
@@ -112,7 +114,8 @@ class MetadataBatches(EpochPosition):
 
     def load_item(self, index: int, rng: random.Random) -> dict:
         path, tags, (bucket_w, bucket_h) = self.items[index]
-        image = Image.open(path).convert("RGB")
+        with Image.open(path) as image:
+            image = to_rgb(image)
         original = (image.height, image.width)
         if image.size != (bucket_w, bucket_h):
             scale = max(bucket_w / image.width, bucket_h / image.height)
@@ -135,20 +138,24 @@ class MetadataBatches(EpochPosition):
                 indices = batches[self.batches_done]
                 rng = random.Random(f"{self.seed}-{self.epoch}-{self.batches_done}-{self.rank}")
                 self.batches_done += 1
-                items = []
+                items, new = [], 0
                 for index in indices:
                     try:
                         items.append(self.load_item(index, rng))
-                    except Exception as error:  # noqa: BLE001 - a corrupt file is skipped and counted, never fatal
-                        logger.warning("Skipping %s: %s", self.items[index][0], error)
+                    except Exception as error:  # noqa: BLE001 - a corrupt file is skipped and counted once, never fatal
+                        name = self.items[index][0]
+                        if name not in self.skipped_files:
+                            new += 1
+                            self.skipped_files[name] = f"{type(error).__name__}: {error}"
+                            skipped_files_log.warning("skipped_files: %s: %s", name, self.skipped_files[name])
                 if not items:
-                    yield {"pixel_values": None, "num_skipped": len(indices)}
+                    yield {"pixel_values": None, "num_skipped": new}
                     continue
                 yield {
                     "pixel_values": torch.stack([item["pixel_values"] for item in items]),
                     "captions": [item["caption"] for item in items],
                     "time_ids": torch.tensor([item["time_ids"] for item in items], dtype=torch.float32),
-                    "num_skipped": len(indices) - len(items),
+                    "num_skipped": new,
                 }
             self.epoch += 1
             self.batches_done = 0

@@ -80,11 +80,13 @@ def classify_source(name_or_path: str) -> tuple[str, object]:
 
 def caption_folder_rows(root: str | Path, caption_extension: str = ".txt") -> dict[str, list[str]]:
     """{"image": paths, "text": captions} of every image under `root` (recursively), captioned by its same-stem file."""
+    from .data import read_caption  # data imports this module
+
     paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     captions = []
     for path in paths:
         caption = path.with_suffix(caption_extension)
-        captions.append(caption.read_text(encoding="utf-8").strip() if caption.exists() else "")
+        captions.append(read_caption(caption) if caption.exists() else "")
     return {"image": [str(p) for p in paths], "text": captions}
 
 
