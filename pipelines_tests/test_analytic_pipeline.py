@@ -9,7 +9,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DModel
 from PIL import Image
 
 from pixel_diffusers.models.analytic import OptimalDenoiser, PCALocalityDenoiser, WienerDenoiser
-from pixel_diffusers.pipelines.analytic.cli import add_subparser, run
+from pixel_diffusers.cli import main
+from pixel_diffusers.pipelines.analytic.studio import run
 from pixel_diffusers.pipelines.analytic.pipeline_analytic import AnalyticDiffusionPipeline, mse, r2, studio_scheduler
 from pixel_diffusers.schedulers.scheduling_gradient_estimation import GradientEstimationScheduler
 
@@ -136,7 +137,6 @@ def test_bad_inputs():
 
 
 def test_cli_writes_images_grid_and_metrics(tmp_path):
-    import argparse
 
     folder = tmp_path / "images" / "sub"
     folder.mkdir(parents=True)
@@ -147,10 +147,7 @@ def test_cli_writes_images_grid_and_metrics(tmp_path):
               "sampling": {"num_samples": 3, "batch_size": 2, "num_inference_steps": 4, "seed": 1},
               "output_dir": str(tmp_path / "out")}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    parser = argparse.ArgumentParser()
-    add_subparser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["analytic", "--config", str(tmp_path / "config.json")])
-    args.func(args)
+    main(["analytic", "--config", str(tmp_path / "config.json")])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["num_training_images"] == 12 and metrics["sampling_time_per_step_s"] > 0
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["sample_0000.png", "sample_0001.png", "sample_0002.png"]

@@ -11,7 +11,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from pixel_diffusers.conversion.pixel_sdxl import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, convert_pixel_sdxl_checkpoint
 from pixel_diffusers.models.unets.unet_pixel_sdxl import PIXEL_SDXL_PRESETS, PixelSDXLUNet2DConditionModel
-from pixel_diffusers.pipelines.pixel_sdxl.testing_utils import make_tiny_clip_config, make_tiny_clip_tokenizer
+from pixel_diffusers.testing import make_tiny_clip_config, make_tiny_clip_tokenizer
 
 TINY = PIXEL_SDXL_PRESETS["for_testing"]
 RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
@@ -282,7 +282,7 @@ def test_post_hoc_ema(tmp_path):
 def test_post_hoc_ema_of_pipeline_folders_loads_with_from_pretrained(tmp_path):
     from pixel_diffusers import PixelSDXLPipeline
     from pixel_diffusers.conversion.post_hoc_ema import post_hoc_ema
-    from pixel_diffusers.pipelines.pixel_sdxl.testing_utils import make_tiny_pixel_sdxl_pipeline
+    from pixel_diffusers.testing import make_tiny_pixel_sdxl_pipeline
 
     for seed in (0, 1):
         make_tiny_pixel_sdxl_pipeline(seed=seed).save_pretrained(tmp_path / f"snapshot{seed}")

@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from pixel_diffusers.pipelines.pixel_sdxl.pipeline_pixel_sdxl import PixelSDXLPipeline
-from pixel_diffusers.pipelines.pixel_sdxl.testing_utils import make_tiny_pixel_sdxl_pipeline
+from pixel_diffusers.testing import make_tiny_pixel_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -12,24 +13,14 @@ from .conversion.jit import add_subparser as add_jit_converters
 from .conversion.pixel_sdxl import add_subparser as add_pixel_sdxl_converter
 from .conversion.post_hoc_ema import add_subparser as add_post_hoc_ema_subparser
 from .conversion.smalldiffusion import add_subparser as add_smalldiffusion_converter
-from .pipelines.analytic.cli import add_subparser as add_analytic_subparser
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _image_grid(images, columns: int):
-    from PIL import Image
-
-    rows = (len(images) + columns - 1) // columns
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
-
-
 def _generate(pipeline, prompts, args, output: Path) -> list[Path]:
     import torch
+
+    from .training_utils.config import image_grid
 
     output.mkdir(parents=True, exist_ok=True)
     images = pipeline(
@@ -47,7 +38,7 @@ def _generate(pipeline, prompts, args, output: Path) -> list[Path]:
         paths.append(output / f"image_{index:03d}.png")
         image.save(paths[-1])
     grid_path = output / "grid.png"
-    _image_grid(images, columns=min(len(images), 4)).save(grid_path)
+    image_grid(images, columns=min(len(images), 4)).save(grid_path)
     return paths + [grid_path]
 
 
@@ -84,6 +75,12 @@ def cmd_convert(args) -> None:
     print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.dst}")
 
 
+def cmd_analytic(args) -> None:
+    from .pipelines.analytic.studio import load_config, run
+
+    metrics = run(load_config(args.config))
+    print(json.dumps({key: value for key, value in metrics.items() if key != "comparison_details"}, indent=2))
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixel-diffusers", description=__doc__)
@@ -108,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(generate, ["a red circle on a blue background"], None, 20)
     generate.set_defaults(func=cmd_generate)
 
-    add_analytic_subparser(commands)
+    analytic = commands.add_parser("analytic", help="fit an analytic denoiser on an image folder or dataset and sample it")
+    analytic.add_argument("--config", required=True, help="a YAML or JSON file (see `pixel_diffusers.pipelines.analytic.studio`)")
+    analytic.set_defaults(func=cmd_analytic)
 
     demo = commands.add_parser(
         "demo", help="save an untrained tiny PixelHDM pipeline, load it back and generate (offline, seconds)"

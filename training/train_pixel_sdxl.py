@@ -123,7 +123,7 @@ def load_pipeline(args) -> PixelSDXLPipeline:
     elif args.preset is None:
         raise ValueError("Give --pretrained_model_name_or_path or --preset.")
     elif args.tiny_text_encoders:
-        from pixel_diffusers.pipelines.pixel_sdxl.testing_utils import make_tiny_pixel_sdxl_pipeline
+        from pixel_diffusers.testing import make_tiny_pixel_sdxl_pipeline
 
         components = dict(make_tiny_pixel_sdxl_pipeline(seed=args.seed).components)
     else:

@@ -1,4 +1,5 @@
-"""`pixel-diffusers analytic --config FILE`: fit an analytic denoiser, sample, write images, a grid and metrics.
+"""The Analytic Diffusion Studio run behind `pixel-diffusers analytic --config FILE`: fit an analytic denoiser, sample,
+write images, a grid and metrics.
 
 The config (YAML or JSON)::
 
@@ -88,9 +89,9 @@ def run(config: dict) -> dict:
 
     for index, image in enumerate(images):
         image.save(output_dir / "images" / f"sample_{index:04d}.png")
-    from ...cli import _image_grid
+    from ...training_utils.config import image_grid
 
-    _image_grid(images, columns=min(4, len(images))).save(output_dir / "grid.png")
+    image_grid(images, columns=min(4, len(images))).save(output_dir / "grid.png")
     metrics = {
         "denoiser": name,
         "num_training_images": len(dataset),
@@ -105,14 +106,3 @@ def run(config: dict) -> dict:
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
-
-def cmd_analytic(args) -> None:
-    metrics = run(load_config(args.config))
-    print(json.dumps({key: value for key, value in metrics.items() if key != "comparison_details"}, indent=2))
-
-
-def add_subparser(subparsers) -> None:
-    """Adds the `analytic` subcommand to the `pixel-diffusers` parser's subparsers."""
-    analytic = subparsers.add_parser("analytic", help="fit an analytic denoiser on an image folder or dataset and sample it")
-    analytic.add_argument("--config", required=True, help="a YAML or JSON file (see `pixel_diffusers.pipelines.analytic.cli`)")
-    analytic.set_defaults(func=cmd_analytic)
