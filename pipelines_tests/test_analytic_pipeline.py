@@ -137,7 +137,6 @@ def test_bad_inputs():
 
 
 def test_cli_writes_images_grid_and_metrics(tmp_path):
-
     folder = tmp_path / "images" / "sub"
     folder.mkdir(parents=True)
     for index, image in enumerate(training_images(12, size=6)):
