@@ -76,3 +76,45 @@ def test_jit_trains_on_a_folder_of_class_subfolders(tmp_path):
                          "--num_train_epochs", "2", "--output_dir", str(tmp_path / "out"), *common])
     assert state.step == 4  # 8 images / batch 4 = 2 steps per epoch, 2 epochs
     assert (tmp_path / "out" / "pipeline" / "model_index.json").exists()
+
+
+def _assert_lora_reloads_at_the_trained_scale(pipe, folder):
+    """The saved adapter metadata restores alpha: 8 / rank 4 scales the LoRA by 2 (without it, alpha = rank)."""
+    pipe.load_lora_weights(folder, adapter_name="trained")
+    assert pipe.transformer.peft_config["trained"].lora_alpha == 8
+    layer = pipe.transformer.blocks[0].attn.to_out[0]
+    assert layer.scaling["trained"] == 2.0
+    assert layer.lora_B["trained"].weight.abs().max() > 0  # trained
+
+
+def test_jit_and_pixeldlm_train_a_lora_with_its_alpha(tmp_path):
+    from pixel_diffusers.pipelines.jit.pipeline_jit import JiTPipeline
+    from pixel_diffusers.pipelines.pixeldlm.pipeline_pixeldlm import PixelDLMPipeline
+    from pixel_diffusers.schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
+    from pixel_diffusers.models.transformers.transformer_jit import JiTTransformer2DModel
+    from pixel_diffusers.testing import make_tiny_tokenizer
+    from pixel_diffusers.training_utils import shapes
+
+    lora = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--report_to", "none",
+            "--max_train_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", "4"]
+    base = tmp_path / "jit-base"
+    transformer = JiTTransformer2DModel(**TINY_JIT, num_classes=len(shapes.class_names()))
+    with torch.no_grad():  # a "pretrained" base: JiT's zero-initialised gates would keep every attention LoRA at zero
+        for parameter in transformer.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    JiTPipeline(transformer, PixelFlowMatchScheduler(solver="heun")).save_pretrained(base)
+    load_script("train_jit").main(lora + ["--shapes_dataset_size", "16", "--min_resolution", "16", "--max_resolution", "16",
+                                          "--pretrained_model_name_or_path", str(base), "--output_dir", str(tmp_path / "jit"),
+                                          "--validation_num_inference_steps", "1"])
+    _assert_lora_reloads_at_the_trained_scale(JiTPipeline.from_pretrained(base), tmp_path / "jit" / "lora")
+
+    base = tmp_path / "dlm-base"
+    transformer = JiTTransformer2DModel(architecture="pixeldlm", **TINY_DLM)
+    PixelDLMPipeline(transformer, PixelFlowMatchScheduler(solver="euler", prediction_type="flow_prediction"),
+                     make_tiny_tokenizer()).save_pretrained(base)
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps([{"prompt": f"{i}+1", "answer": str(i + 1)} for i in range(4)]))
+    load_script("train_pixeldlm").main(lora + ["--data", str(data), "--pretrained_model", str(base),
+                                               "--output_dir", str(tmp_path / "dlm"), "--num_validation_items", "1",
+                                               "--validation_num_inference_steps", "1"])
+    _assert_lora_reloads_at_the_trained_scale(PixelDLMPipeline.from_pretrained(base), tmp_path / "dlm" / "lora")

@@ -1,6 +1,7 @@
 """JiTTransformer2DModel (JiT and PixelDLM architectures) and the upstream checkpoint converters."""
 
 import argparse
+import json
 import re
 
 import numpy as np
@@ -160,6 +161,20 @@ def test_save_and_load_round_trip(tmp_path):
 # --------------------------------------------------------------------------------------------------- converters
 # Upstream key names written out independently of the converter's rename tables.
 
+def _fuse_attention(state):
+    """Our diffusers-named attention tensors back in upstream's fused layout (`attn.qkv`, `attn.proj`)."""
+    fused = {}
+    for key, value in state.items():
+        if ".attn.to_q." in key:
+            parts = [state[key.replace(".to_q.", f".to_{n}.")] for n in "qkv"]
+            fused[key.replace(".to_q.", ".qkv.")] = torch.cat(parts)
+        elif ".attn.to_out.0." in key:
+            fused[key.replace(".to_out.0.", ".proj.")] = value
+        elif ".attn.to_k." not in key and ".attn.to_v." not in key:
+            fused[key] = value
+    return fused
+
+
 def _to_upstream_jit(state, model):
     rules = [("time_embed.linear_1.", "t_embedder.mlp.0."), ("time_embed.linear_2.", "t_embedder.mlp.2."),
              ("class_embed.", "y_embedder.embedding_table."), ("patch_embed.0.", "x_embedder.proj1."),
@@ -168,7 +183,7 @@ def _to_upstream_jit(state, model):
              ("norm_out.", "final_layer.norm_final."), ("proj_out.", "final_layer.linear."),
              ("adaln_out.", "final_layer.adaLN_modulation.1.")]
     upstream = {}
-    for key, value in state.items():
+    for key, value in _fuse_attention(state).items():
         for ours, theirs in rules:
             key = key.replace(ours, theirs) if not (ours == ".adaln." and key.startswith("adaln_out")) else key
         upstream["net." + key] = value
@@ -233,7 +248,7 @@ def test_jit_converter_carries_the_training_args_and_any_depth(tmp_path):
 
 def _to_upstream_pixeldlm(state):
     upstream = {}
-    for key, value in state.items():
+    for key, value in _fuse_attention(state).items():
         key = re.sub(r"^pos_embed_(row|col)$", lambda m: "pos_embed_" + {"row": "h", "col": "w"}[m.group(1)], key)
         key = re.sub(r"^condition_pos_embed_(row|col)$", lambda m: "cond_pos_embed_" + {"row": "h", "col": "w"}[m.group(1)], key)
         key = key.replace("proj_out.", "output_proj.").replace(".mlp.w12.", ".mlp.0.").replace(".mlp.w3.", ".mlp.3.")
@@ -283,3 +298,73 @@ def test_cli_hook(tmp_path):
     args.func(args)
     loaded = JiTTransformer2DModel.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(loaded.proj_out.weight, model.proj_out.weight)
+
+
+# ------------------------------------------------------------------------------- saved and community layouts
+
+def _save_layout(folder, config, state):
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "JiTTransformer2DModel", **config}))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("config", [TINY_JIT, TINY_DLM])
+def test_folders_saved_with_the_fused_attention_names_still_load(tmp_path, config):
+    model = randomized(JiTTransformer2DModel(**config))
+    model.save_pretrained(tmp_path / "new")
+    _save_layout(tmp_path / "old", json.loads((tmp_path / "new" / "config.json").read_text()), _fuse_attention(model.state_dict()))
+    loaded = JiTTransformer2DModel.from_pretrained(tmp_path / "old")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert "blocks.0.attn.to_out.0.weight" in loaded.state_dict()
+
+
+def _pr13098_layout(upstream):
+    """diffusers PR #13098's keys, written from upstream's independently of the converter's tables."""
+    state = {}
+    for key, value in upstream.items():
+        key = key.removeprefix("net.")
+        if "rope" in key:
+            continue  # non-persistent buffers there
+        if ".attn.qkv." in key:
+            for name, part in zip("qkv", value.chunk(3)):
+                state[key.replace(".qkv.", f".to_{name}.")] = part
+            continue
+        key = key.replace(".attn.proj.", ".attn.to_out.0.").replace(".q_norm.", ".norm_q.").replace(".k_norm.", ".norm_k.")
+        key = re.sub(r"^(blocks\.\d+)\.adaLN_modulation\.1\.", r"\1.adaLN_modulation.", key)
+        key = key.replace("final_layer.norm_final.", "norm_final.").replace("final_layer.linear.", "linear_final.")
+        state[key.replace("final_layer.adaLN_modulation.1.", "adaLN_modulation_final.")] = value
+    return state
+
+
+def test_community_jit_layouts_load_with_the_outputs_of_the_upstream_checkpoint(tmp_path, monkeypatch):
+    from pixel_diffusers.models.transformers.transformer_jit import JIT_PRESETS
+
+    model = randomized(JiTTransformer2DModel(**TINY_JIT))
+    upstream = _to_upstream_jit(model.state_dict(), model)
+    torch.save({"model": upstream, "model_ema1": upstream, "args": argparse.Namespace(model="tiny", img_size=16)},
+               tmp_path / "checkpoint.pth")
+    reference, _ = convert_jit_checkpoint(tmp_path / "checkpoint.pth", weights="model", in_context_start=1)
+
+    pr_config = {k: v for k, v in TINY_JIT.items()} | {"in_channels": 3, "mlp_ratio": 4.0, "attention_dropout": 0.0,
+                                                        "dropout": 0.0, "norm_eps": 1e-6}
+    _save_layout(tmp_path / "pr13098", pr_config, _pr13098_layout(upstream))
+    # BiliSakura's config names an upstream preset; a tiny one stands in for JiT-B/16 here.
+    monkeypatch.setitem(JIT_PRESETS, "JiT-tiny/4", {k: v for k, v in TINY_JIT.items() if k != "num_classes"})
+    bili_config = {"model_type": "JiT-tiny/4", "sample_size": 16, "num_class_embeds": 4, "attention_dropout": 0.0,
+                   "dropout": 0.0, "model_name": None, "image_size": None, "num_classes": None}
+    bili_state = {"transformer." + k.removeprefix("net."): v for k, v in upstream.items() if "rope" not in k}
+    _save_layout(tmp_path / "bilisakura", bili_config, bili_state)
+
+    x = torch.randn(2, 3, 16, 16)
+    expected = reference(x, 300.0, class_labels=[0, 3]).sample
+    for layout in ("pr13098", "bilisakura"):
+        loaded = JiTTransformer2DModel.from_pretrained(tmp_path / layout)
+        assert loaded.config.architecture == "jit" and loaded.config.in_context_start == 1
+        torch.testing.assert_close(loaded(x, 300.0, class_labels=[0, 3]).sample, expected, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="model_type"):
+        _save_layout(tmp_path / "bad", {**bili_config, "model_type": "JiT-X/1"}, bili_state)
+        JiTTransformer2DModel.from_pretrained(tmp_path / "bad")

@@ -14,8 +14,16 @@
   presets) or `num_attention_heads`. The sinusoid frequency buffer is dropped after the same check, and the buffers of
   the training loss (`freq_loss_fn.*`, written by `--use_freq_loss`) are dropped as upstream's inference does.
 
-Every other tensor is mapped to one of ours; anything unknown or missing raises a `ValueError` that lists the keys
-(upstream's own inference loads with `strict=False`, which silently leaves random weights on a flag mismatch).
+Every other tensor is mapped to one of ours (upstream's fused attention `qkv` is cut into diffusers' `to_q`, `to_k`,
+`to_v`, `proj` becomes `to_out.0`); anything unknown or missing raises a `ValueError` that lists the keys (upstream's
+own inference loads with `strict=False`, which silently leaves random weights on a flag mismatch).
+
+Two diffusers-style JiT layouts load through `JiTTransformer2DModel.from_pretrained` (their folders name the same
+class): diffusers PR #13098's `JiTTransformer2DModel` (`models/transformers/jit_transformer_2d.py`: upstream's modules
+flattened, `to_q`/`to_k`/`to_v`/`to_out.0`, `norm_final`, `linear_final`, `adaLN_modulation_final`) and the community
+port BiliSakura/JiT-diffusers (github.com/Bili-Sakura/JiT-diffusers: upstream's `JiT` under `transformer.`, a config
+naming the preset in `model_type`). Their weights are mapped to upstream's keys and then through the same JiT
+conversion as an upstream checkpoint.
 """
 
 from __future__ import annotations
@@ -28,10 +36,22 @@ from pathlib import Path
 
 import torch
 
-from ..models.transformers.transformer_jit import JIT_PRESETS, JiTTransformer2DModel, _rope_angles
+from ..models.transformers.transformer_jit import (
+    JIT_PRESETS,
+    JiTTransformer2DModel,
+    _rope_angles,
+    split_fused_attention,
+)
 from .strict import check_converted_state_dict, read_checkpoint
 
-__all__ = ["JiTConversionReport", "add_subparser", "convert_jit_checkpoint", "convert_pixeldlm_checkpoint"]
+__all__ = [
+    "JiTConversionReport",
+    "add_subparser",
+    "community_jit_state_dict_to_ours",
+    "convert_jit_checkpoint",
+    "convert_pixeldlm_checkpoint",
+    "translate_community_jit_config",
+]
 
 _JIT_RENAMES = [
     (r"^t_embedder\.mlp\.0\.", "time_embed.linear_1."),
@@ -64,6 +84,19 @@ _PIXELDLM_RENAMES = [
     (r"^pixel_decoder\.unet\.decoder_up\.", "pixel_decoder.up."),
     (r"^pixel_decoder\.unet\.decoder\.", "pixel_decoder.decoder."),  # the last decoder block -> `out` (see below)
 ]
+
+# diffusers PR #13098's JiTTransformer2DModel -> upstream JiT (its to_q/to_k/to_v are re-fused into upstream's qkv).
+_PR13098_RENAMES = [
+    (r"^(blocks\.\d+)\.adaLN_modulation\.", r"\1.adaLN_modulation.1."),
+    (r"^norm_final\.", "final_layer.norm_final."),
+    (r"^linear_final\.", "final_layer.linear."),
+    (r"^adaLN_modulation_final\.", "final_layer.adaLN_modulation.1."),
+    (r"\.attn\.norm_q\.", ".attn.q_norm."),
+    (r"\.attn\.norm_k\.", ".attn.k_norm."),
+    (r"\.attn\.to_out\.0\.", ".attn.proj."),
+]
+_PR13098_CONFIG = ("sample_size", "patch_size", "in_channels", "hidden_size", "num_layers", "num_attention_heads",
+                   "mlp_ratio", "num_classes", "bottleneck_dim", "in_context_len", "in_context_start", "dropout")
 
 _WRAPPER_PREFIXES = {"_orig_mod.": "torch.compile", "module.": "DistributedDataParallel", "net.": "JiT's Denoiser"}
 
@@ -132,10 +165,18 @@ def _check_derived(state: dict, key: str, expected: torch.Tensor, dropped: list[
     dropped.append(key)
 
 
+def _our_keys(key: str, rules) -> str:
+    """The key(s) of ours an upstream key maps to, comma-separated (a fused qkv tensor fills three)."""
+    return ", ".join(split_fused_attention({_rename(key, rules): _PLACEHOLDER}))
+
+
+_PLACEHOLDER = torch.empty(3)
+
+
 def _load_strict(model: JiTTransformer2DModel, converted: dict, mapped: dict, src: Path, config_source: str) -> None:
     expected = model.state_dict()
     missing = sorted(key for key in expected if key not in converted)
-    unexpected = sorted(upstream for upstream, ours in mapped.items() if ours not in expected)
+    unexpected = sorted(upstream for upstream, ours in mapped.items() if any(k not in expected for k in ours.split(", ")))
     check_converted_state_dict(converted, expected, missing, unexpected, src, "JiTTransformer2DModel", config_source)
     model.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in converted.items()}, strict=True)
     model.eval()
@@ -198,6 +239,77 @@ def _config_from_args(args) -> dict:
     }
 
 
+def _convert_jit_state(state: dict, model: JiTTransformer2DModel) -> tuple[dict, dict, list[str]]:
+    """Upstream JiT tensors -> ours: the fixed tables are checked and dropped, every other key renamed.
+    Returns (converted state dict, {upstream key: our key(s)}, dropped keys)."""
+    state = dict(state)
+    dropped: list[str] = []
+    if "pos_embed" in state:
+        _check_derived(state, "pos_embed", model.pos_embed, dropped)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    for prefix, length in (("feat_rope.", 0), ("feat_rope_incontext.", model.config.in_context_len)):
+        angles = _rope_angles(model.grid, head_dim, model.config.rope_theta, length, "cpu").repeat_interleave(2, -1)
+        for table, values in (("freqs_cos", angles.cos()), ("freqs_sin", angles.sin())):
+            if prefix + table in state:
+                _check_derived(state, prefix + table, values, dropped)
+    mapped = {key: _our_keys(key, _JIT_RENAMES) for key in state}
+    converted = split_fused_attention({_rename(key, _JIT_RENAMES): value for key, value in state.items()})
+    return converted, mapped, dropped
+
+
+def _pr13098_to_upstream(state: dict) -> dict:
+    upstream, split = {}, {}
+    for key, value in state.items():
+        match = re.match(r"^(blocks\.\d+\.attn)\.to_([qkv])\.(weight|bias)$", key)
+        if match:
+            split.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
+        else:
+            upstream[_rename(key, _PR13098_RENAMES)] = value
+    for (prefix, kind), parts in split.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{prefix}.to_{{q,k,v}}.{kind}: the checkpoint holds only {sorted(parts)}.")
+        upstream[f"{prefix}.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return upstream
+
+
+def community_jit_state_dict_to_ours(state: dict, model: JiTTransformer2DModel) -> dict:
+    """The weights of a community JiT layout (diffusers PR #13098, BiliSakura/JiT-diffusers) under this model's keys,
+    through upstream's keys and the JiT conversion; any other state dict is returned unchanged."""
+    if state and all(key.startswith("transformer.") for key in state) and "transformer.t_embedder.mlp.0.weight" in state:
+        return _convert_jit_state({key[len("transformer.") :]: value for key, value in state.items()}, model)[0]
+    if "t_embedder.mlp.0.weight" in state:
+        return _convert_jit_state(_pr13098_to_upstream(state), model)[0]
+    return state
+
+
+def translate_community_jit_config(config: dict) -> None:
+    """Rewrites, in place, the config of a community JiT layout into `JiTTransformer2DModel`'s: BiliSakura's
+    (`model_type` = a JiT preset name, `sample_size`, `num_class_embeds`, `dropout`, `attention_dropout`, or their
+    legacy aliases) and PR #13098's (our field names plus `norm_eps`). A config of ours is left alone."""
+    if "architecture" in config:
+        return
+    if "model_type" in config or "model_name" in config:
+        name = config.get("model_name") or config.get("model_type")
+        if name not in JIT_PRESETS or not name.startswith("JiT"):
+            raise ValueError(f"model_type={name!r} is not a JiT preset; allowed values: {sorted(k for k in JIT_PRESETS if k.startswith('JiT'))}.")
+        ours = dict(JIT_PRESETS[name])
+        ours["sample_size"] = config.get("image_size") or config.get("sample_size", ours["sample_size"])
+        ours["num_classes"] = config.get("num_classes") or config.get("num_class_embeds", 1000)
+        dropout = config.get("proj_dropout") if config.get("proj_dropout") is not None else config.get("dropout", 0.0)
+        attention_dropout = config.get("attn_dropout") if config.get("attn_dropout") is not None else config.get("attention_dropout", 0.0)
+    elif "norm_eps" in config or "attention_dropout" in config:
+        if config.get("norm_eps", 1e-6) != 1e-6:
+            raise ValueError(f"norm_eps={config['norm_eps']} is not JiT's 1e-6, the only value JiTTransformer2DModel has.")
+        ours = {key: config[key] for key in _PR13098_CONFIG if key in config}
+        dropout, attention_dropout = config.get("dropout", 0.0), config.get("attention_dropout", 0.0)
+    else:
+        return
+    ours["dropout"], ours["attention_dropout"] = dropout, attention_dropout
+    kept = {key: value for key, value in config.items() if key.startswith("_")}
+    config.clear()
+    config.update({"architecture": "jit", **ours, **kept})
+
+
 def convert_jit_checkpoint(
     src: str | Path, weights: str = "ema1", preset: str | None = None, **config_overrides
 ) -> tuple[JiTTransformer2DModel, JiTConversionReport]:
@@ -253,18 +365,7 @@ def convert_jit_checkpoint(
         config.update(config_overrides)
         config_source += f" with overrides {sorted(config_overrides)}"
     model = JiTTransformer2DModel(**config)
-
-    dropped: list[str] = []
-    if "pos_embed" in state:
-        _check_derived(state, "pos_embed", model.pos_embed, dropped)
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    for prefix, length in (("feat_rope.", 0), ("feat_rope_incontext.", model.config.in_context_len)):
-        angles = _rope_angles(model.grid, head_dim, model.config.rope_theta, length, "cpu").repeat_interleave(2, -1)
-        for table, values in (("freqs_cos", angles.cos()), ("freqs_sin", angles.sin())):
-            if prefix + table in state:
-                _check_derived(state, prefix + table, values, dropped)
-    mapped = {key: _rename(key, _JIT_RENAMES) for key in state}
-    converted = {mapped[key]: value for key, value in state.items()}
+    converted, mapped, dropped = _convert_jit_state(state, model)
     _load_strict(model, converted, mapped, src, config_source)
     report = JiTConversionReport(
         source=str(src),
@@ -338,11 +439,12 @@ def convert_pixeldlm_checkpoint(
     if loss_buffers:
         dropped_reasons["buffers of the frequency-aware training loss, not part of the model"] = loss_buffers
     last = f"pixel_decoder.decoder.{decoder_depth - 1}."
-    mapped = {}
+    renamed = {}
     for key in state:
         ours = _rename(key, _PIXELDLM_RENAMES)
-        mapped[key] = "pixel_decoder.out." + ours[len(last) :] if decoder_depth and ours.startswith(last) else ours
-    converted = {mapped[key]: value for key, value in state.items()}
+        renamed[key] = "pixel_decoder.out." + ours[len(last) :] if decoder_depth and ours.startswith(last) else ours
+    mapped = {key: _our_keys(ours, []) for key, ours in renamed.items()}
+    converted = split_fused_attention({renamed[key]: value for key, value in state.items()})
     _load_strict(model, converted, mapped, src, "inferred from tensor shapes")
     report = JiTConversionReport(
         source=str(src),

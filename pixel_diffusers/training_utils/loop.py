@@ -277,6 +277,20 @@ def add_lora_adapter(model, rank: int, alpha: float | None = None) -> None:
     )
 
 
+def lora_saver(pipeline_cls, component: str):
+    """The `save_lora(folder, model)` of `save_final_outputs`: writes the LoRA of `model` (the pipeline's `component`)
+    with its adapter metadata (rank, alpha, target modules), so that `load_lora_weights` restores the trained scale."""
+
+    def save_lora(folder, model) -> None:
+        from diffusers.training_utils import _collate_lora_metadata
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {f"{component}_lora_layers": get_peft_model_state_dict(model)}
+        pipeline_cls.save_lora_weights(folder, **layers, **_collate_lora_metadata({component: model}))
+
+    return save_lora
+
+
 def validation_prompts(args) -> list[str]:
     """`--validation_prompts`, or 16 shapes captions (held-out pairs included) when training on the shapes set."""
     if args.validation_prompts:

@@ -25,6 +25,7 @@ clean image x0.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +97,26 @@ class JiTTransformerOutput(BaseOutput):
     sample: torch.Tensor
 
 
+_FUSED_ATTENTION_KEY = re.compile(r"^(.*\.attn)\.(qkv|proj)\.(weight|bias)$")
+
+
+def split_fused_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upstream JiT's and PixelDLM's attention tensors (`attn.qkv`, `attn.proj`, also the names this model saved under
+    before it took diffusers' names) under diffusers' names: the fused qkv rows are cut into `to_q`, `to_k`, `to_v`
+    (in that order) and `proj` becomes `to_out.0`. Every other key passes unchanged."""
+    out = {}
+    for key, value in state.items():
+        match = _FUSED_ATTENTION_KEY.match(key)
+        if match is None:
+            out[key] = value
+        elif match.group(2) == "proj":
+            out[f"{match.group(1)}.to_out.0.{match.group(3)}"] = value
+        else:
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+                out[f"{match.group(1)}.{name}.{match.group(3)}"] = part.contiguous()
+    return out
+
+
 def _rope_angles(grid: int, head_dim: int, theta: float, prefix: int, device) -> torch.Tensor:
     """(prefix + grid**2, head_dim // 2) rotation angles of JiT's 2D axial RoPE, one per interleaved channel pair.
 
@@ -133,7 +154,8 @@ def _pixeldlm_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 
 
 class JiTAttnProcessor:
-    """Self-attention: fused qkv, optional QK RMSNorm and RoPE, diffusers' attention dispatcher, output projection.
+    """Self-attention: q/k/v projections (fused into `to_qkv` after `fuse_qkv_projections()`), optional QK RMSNorm and
+    RoPE, diffusers' attention dispatcher, output projection.
 
     A key-padding mask that masks every key of a sample gives that sample uniform attention (the mean of the
     values), as upstream PixelDLM does."""
@@ -142,7 +164,11 @@ class JiTAttnProcessor:
     _parallel_config = None
 
     def __call__(self, attn: "JiTAttention", hidden_states, rotary_emb=None, key_mask=None) -> torch.Tensor:
-        query, key, value = attn.qkv(hidden_states).unflatten(-1, (3, attn.heads, -1)).unbind(2)
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (query, key, value))
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
         if rotary_emb is not None:
@@ -164,26 +190,29 @@ class JiTAttnProcessor:
             if bool(empty.any()):
                 uniform = value.mean(dim=1, keepdim=True).expand_as(hidden)
                 hidden = torch.where(empty[:, None, None, None], uniform, hidden)
-        return attn.proj_drop(attn.proj(hidden.flatten(2, 3)))
+        return attn.to_out[1](attn.to_out[0](hidden.flatten(2, 3)))
 
 
 class JiTAttention(nn.Module, AttentionModuleMixin):
-    """Multi-head self-attention; JiT: qkv bias and QK RMSNorm; PixelDLM: neither."""
+    """Multi-head self-attention with diffusers' projection names (`to_q`, `to_k`, `to_v`, `to_out.0`, the targets of
+    diffusers' and peft's LoRA recipes); JiT: qkv bias and QK RMSNorm; PixelDLM: neither. Upstream's fused `qkv`
+    weight is split into the three projections by the converters (and by the loading shim for older saves)."""
 
     _default_processor_cls = JiTAttnProcessor
     _available_processors = [JiTAttnProcessor]
-    _supports_qkv_fusion = False
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool, qk_norm: bool, dropout: float = 0.0,
                  attention_dropout: float = 0.0):
         super().__init__()
         self.heads = heads
         self.dropout = attention_dropout  # on the attention probabilities; `dropout` on the output projection
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.use_bias = qkv_bias  # read by diffusers' `fuse_projections`
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.norm_q = RMSNorm(dim // heads, eps=1e-6) if qk_norm else None
         self.norm_k = RMSNorm(dim // heads, eps=1e-6) if qk_norm else None
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(dropout)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])
         self.set_processor(self._default_processor_cls())
 
     def forward(self, hidden_states, rotary_emb=None, key_mask=None) -> torch.Tensor:
@@ -424,6 +453,27 @@ class JiTTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapt
     def noise_scale(self) -> float:
         """JiT's noise std: `config.noise_scale`, or `sample_size / 256` (the paper's rule) when that is None."""
         return self.config.noise_scale or self.config.sample_size / 256
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`; a config of a community JiT layout (diffusers PR #13098, BiliSakura/JiT-diffusers),
+        which carries the same class name, is translated into this model's config (see `conversion.jit`)."""
+        from ...conversion.jit import translate_community_jit_config
+
+        outputs = super().load_config(*args, **kwargs)
+        translate_community_jit_config(outputs[0] if isinstance(outputs, tuple) else outputs)
+        return outputs
+
+    def _fix_state_dict_keys_on_load(self, state_dict: dict) -> dict:
+        """Loading shim (diffusers' hook for renamed layers, applied to unsharded checkpoints): folders saved before the
+        attention projections took diffusers' names (`attn.qkv`, `attn.proj`), and the weights of the community JiT
+        layouts, are renamed in place to this model's keys."""
+        from ...conversion.jit import community_jit_state_dict_to_ours
+
+        fixed = split_fused_attention(community_jit_state_dict_to_ours(dict(state_dict), self))
+        state_dict.clear()
+        state_dict.update(fixed)
+        return state_dict
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "JiTTransformer2DModel":

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...loading import StrictPipelineMixin
 from .. import validation
 from ...hub import PixelDiffusersHubMixin
+from ...loaders import TransformerLoraLoaderMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
 
@@ -32,7 +33,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline):
+class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, TransformerLoraLoaderMixin):
     r"""
     JiT class-conditional image pipeline.
 

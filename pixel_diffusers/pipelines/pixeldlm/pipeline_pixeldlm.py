@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from ...loading import StrictPipelineMixin
 from .. import validation
 from ...hub import PixelDiffusersHubMixin
+from ...loaders import TransformerLoraLoaderMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
 from .codec import TextPixelCodec
@@ -51,7 +52,7 @@ class PixelDLMPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline):
+class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, TransformerLoraLoaderMixin):
     r"""
     PixelDLM prompt -> answer pipeline.
 

@@ -7,7 +7,6 @@ from typing import Any, Callable
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -19,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ...loading import StrictPipelineMixin
 from .. import validation
 from ...hub import PixelDiffusersHubMixin
+from ...loaders import TransformerLoraLoaderMixin
 from ...models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
 from ..flow_utils import current_sigma, flow_to_prediction, progress_total, retrieve_flow_timesteps, starts_a_step
 
@@ -38,8 +38,8 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class PixelHDMLoraLoaderMixin(SanaLoraLoaderMixin):
-    """LoRA loading for pipelines whose only adaptable component is `transformer` (the same contract as Sana's)."""
+class PixelHDMLoraLoaderMixin(TransformerLoraLoaderMixin):
+    """LoRA loading for `PixelHDMPipeline` (its only adaptable component is `transformer`)."""
 
 
 class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLoaderMixin):
