@@ -19,13 +19,18 @@ from transformers import (
     Qwen3Model,
 )
 
+from .models.analytic import WienerDenoiser
+from .models.small import SmallUNet
 from .models.transformers.transformer_jit import JiTTransformer2DModel
 from .models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
 from .models.unets.unet_pixel_sdxl import PixelSDXLUNet2DConditionModel
+from .pipelines.analytic.pipeline_analytic import AnalyticDiffusionPipeline, studio_scheduler
 from .pipelines.jit.pipeline_jit import JiTPipeline
 from .pipelines.pixel_sdxl.pipeline_pixel_sdxl import PixelSDXLPipeline
 from .pipelines.pixeldlm.pipeline_pixeldlm import PixelDLMPipeline
 from .pipelines.pixelhdm.pipeline_pixelhdm import PixelHDMPipeline
+from .pipelines.small.pipeline_small import SmallDiffusionPipeline
+from .schedulers.scheduling_gradient_estimation import GradientEstimationScheduler
 from .schedulers.scheduling_pixel_flow import PixelFlowMatchScheduler
 
 END_OF_TEXT = "<|endoftext|>"
@@ -150,6 +155,19 @@ def make_tiny_pixel_sdxl_pipeline(seed: int = 0, **unet_overrides) -> PixelSDXLP
         tokenizer=make_tiny_clip_tokenizer(),
         tokenizer_2=make_tiny_clip_tokenizer(pad_with_zero=True),
     )
+
+
+def make_tiny_analytic_pipeline(seed: int = 0) -> AnalyticDiffusionPipeline:
+    """An `AnalyticDiffusionPipeline` with a Wiener denoiser fitted to 24 random 4 x 4 images."""
+    images = torch.rand(24, 3, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return AnalyticDiffusionPipeline(WienerDenoiser(sample_size=4).fit(images), studio_scheduler())
+
+
+def make_tiny_small_pipeline(seed: int = 0) -> SmallDiffusionPipeline:
+    """A `SmallDiffusionPipeline` with an 8 x 8 one-channel `SmallUNet` (one level of attention)."""
+    torch.manual_seed(seed)
+    model = SmallUNet(8, 1, 1, ch=8, ch_mult=(1, 2), attn_resolutions=(4,), num_res_blocks=1)
+    return SmallDiffusionPipeline(_perturbed(model, seed), GradientEstimationScheduler(schedule="log_linear"))
 
 
 def seed_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, tree_listing: bool = True) -> str:

@@ -72,11 +72,8 @@ class AnalyticDenoiser(StrictModelMixin, ModelMixin, ConfigMixin):
 
     def _init_schedule(self) -> None:
         config = self.config
-        self.register_buffer(
-            "alphas_cumprod",
-            linear_alphas_cumprod(config.num_train_timesteps, config.beta_start, config.beta_end),
-            persistent=False,
-        )
+        self._alpha_table = linear_alphas_cumprod(config.num_train_timesteps, config.beta_start, config.beta_end)
+        self.register_buffer("alphas_cumprod", self._alpha_table.clone(), persistent=False)
 
     @property
     def dim(self) -> int:
@@ -95,11 +92,12 @@ class AnalyticDenoiser(StrictModelMixin, ModelMixin, ConfigMixin):
             raise ValueError(f"{type(self).__name__} is not fitted: call `fit(dataset)` first.")
 
     def alpha_bar(self, timestep) -> torch.Tensor:
-        """``alpha_bar`` at the integer ``timestep`` (0 <= timestep < num_train_timesteps)."""
+        """``alpha_bar`` at the integer ``timestep`` (0 <= timestep < num_train_timesteps), in float32 (from a table
+        that a cast of the model to half precision does not round: 1 - alpha_bar near t = 0 would become 0)."""
         t = int(timestep)
         if not 0 <= t < self.config.num_train_timesteps:
             raise ValueError(f"`timestep` must be in [0, {self.config.num_train_timesteps}), got {timestep!r}.")
-        return self.alphas_cumprod[t]
+        return self._alpha_table[t].to(self.alphas_cumprod.device)
 
     @torch.no_grad()
     def fit(self, dataset, batch_size: int = 256):
@@ -119,9 +117,18 @@ class AnalyticDenoiser(StrictModelMixin, ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The x0 estimate ``[B, C, H, W]`` of the noisy ``sample`` at the integer ``timestep``."""
+        """The x0 estimate ``[B, C, H, W]`` of the noisy ``sample`` at the integer ``timestep``, in the dtype of `sample`.
+
+        The closed forms are always evaluated in float32: statistics stored in half precision (a pipeline loaded with
+        `torch_dtype=torch.float16` or cast with `.to(dtype)`) are upcast for the call, since in half precision the
+        small `alpha_bar` of the noisy end overflows the formulas to NaN."""
         self._check_input(sample)
-        x0 = self.predict_x0(sample.float().flatten(1), self.alpha_bar(timestep).to(sample.device), generator)
+        stored = dict(self._buffers)
+        self._buffers.update({k: v.float() for k, v in stored.items() if v is not None and v.is_floating_point()})
+        try:
+            x0 = self.predict_x0(sample.float().flatten(1), self.alpha_bar(timestep).to(sample.device), generator)
+        finally:
+            self._buffers.update(stored)
         return x0.view(sample.shape).to(sample.dtype)
 
     def _stored_data(self, name: str, num_samples: int) -> None:

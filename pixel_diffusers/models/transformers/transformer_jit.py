@@ -43,6 +43,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 
 from ...loading import StrictModelMixin
+from ...loaders import FromUpstreamSingleFileMixin
 
 __all__ = ["JIT_PRESETS", "JiTTransformer2DModel", "JiTTransformerOutput"]
 
@@ -343,7 +344,7 @@ class PixelDLMPixelDecoder(nn.Module):
         return out.clamp(0, 1)
 
 
-class JiTTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class JiTTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin, FromUpstreamSingleFileMixin):
     r"""JiT / PixelDLM pixel-space diffusion transformer predicting the clean image (see the module docstring).
 
     Args:
@@ -474,6 +475,18 @@ class JiTTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapt
         state_dict.clear()
         state_dict.update(fixed)
         return state_dict
+
+    @classmethod
+    def _convert_single_file(cls, path: str, architecture: str = "jit", **converter_kwargs) -> "JiTTransformer2DModel":
+        """`from_single_file`: an official JiT checkpoint (`architecture="jit"`, through `convert_jit_checkpoint`:
+        `weights`, `preset`, config overrides) or an upstream PixelDLM one (`architecture="pixeldlm"`, through
+        `convert_pixeldlm_checkpoint`: `num_attention_heads`)."""
+        from ...conversion.jit import convert_jit_checkpoint, convert_pixeldlm_checkpoint
+
+        converters = {"jit": convert_jit_checkpoint, "pixeldlm": convert_pixeldlm_checkpoint}
+        if architecture not in converters:
+            raise ValueError(f"architecture must be one of {sorted(converters)}; got {architecture!r}.")
+        return converters[architecture](path, **converter_kwargs)[0]
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "JiTTransformer2DModel":

@@ -37,6 +37,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 
 from ...loading import StrictModelMixin
+from ...loaders import FromUpstreamSingleFileMixin
 
 __all__ = ["PIXELHDM_PRESETS", "PixelHDMTransformer2DModel", "PixelHDMTransformerOutput"]
 
@@ -155,9 +156,14 @@ class PixelHDMAttnProcessor:
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (attn.kv_heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.kv_heads, -1))
+        if attn.fused_projections:  # after `fuse_qkv_projections()`: one matmul for q, k and v
+            kv = attn.kv_heads * attn.head_dim
+            query, key, value = attn.to_qkv(hidden_states).split([attn.heads * attn.head_dim, kv, kv], dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = query.unflatten(-1, (attn.heads, -1))
+        key = key.unflatten(-1, (attn.kv_heads, -1))
+        value = value.unflatten(-1, (attn.kv_heads, -1))
 
         query = attn.norm_q(query)
         key = attn.norm_k(key)
@@ -193,10 +199,10 @@ class PixelHDMAttention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = PixelHDMAttnProcessor
     _available_processors = [PixelHDMAttnProcessor]
-    _supports_qkv_fusion = False
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, eps: float):
         super().__init__()
+        self.use_bias = False  # read by diffusers' `fuse_projections`
         self.heads = heads
         self.kv_heads = kv_heads
         self.head_dim = head_dim
@@ -309,9 +315,10 @@ class PixelHDMPixelBlock(nn.Module):
         rows = slice(0, 2 * d) if first else slice(2 * d, 6 * d)
         linear = self.adaln.linear
         plain = type(linear) is nn.Linear and getattr(linear, "_diffusers_hook", None) is None
+        plain = plain and getattr(linear, "_hf_hook", None) is None  # accelerate offload hooks own the weights
         if plain and not linear._forward_hooks and not linear._forward_pre_hooks:
             params = F.linear(cond_chunk, linear.weight[rows], linear.bias[rows])  # only the rows needed now
-        else:  # wrapped (LoRA, casting hooks): go through the module
+        else:  # wrapped (LoRA, casting or offload hooks): go through the module
             params = linear(cond_chunk)[..., rows]
         return params.chunk(2 if first else 4, dim=-1)
 
@@ -358,7 +365,7 @@ class PixelHDMPixelBlock(nn.Module):
         return hidden_states, gamma_l2
 
 
-class PixelHDMTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class PixelHDMTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin, FromUpstreamSingleFileMixin):
     r"""PixelHDM dual-path pixel-space diffusion transformer.
 
     Args:
@@ -468,6 +475,14 @@ class PixelHDMTransformer2DModel(StrictModelMixin, ModelMixin, ConfigMixin, Peft
 
         self.gradient_checkpointing = False
         self._init_weights()
+
+    @classmethod
+    def _convert_single_file(cls, path: str, **converter_kwargs) -> "PixelHDMTransformer2DModel":
+        """`from_single_file`: an upstream PixelHDM checkpoint through `convert_pixelhdm_checkpoint` (`use_ema`,
+        `preset`)."""
+        from ...conversion.pixelhdm import convert_pixelhdm_checkpoint
+
+        return convert_pixelhdm_checkpoint(path, **converter_kwargs)[0]
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "PixelHDMTransformer2DModel":

@@ -40,6 +40,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 
 from ...loading import StrictModelMixin
+from ...loaders import FromUpstreamSingleFileMixin
 
 __all__ = ["PIXEL_SDXL_PRESETS", "PixelSDXLUNet2DConditionModel", "PixelSDXLUNetOutput"]
 
@@ -230,7 +231,7 @@ class PixelSDXLConvDecoder(nn.Module):
         return self.conv_out(self.conv_norm_out(x))
 
 
-class PixelSDXLUNet2DConditionModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class PixelSDXLUNet2DConditionModel(StrictModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin, FromUpstreamSingleFileMixin):
     r"""Pixel-space SDXL U-Net: patch encoder, the SDXL U-Net body below the patch grid's level, patch decoder.
 
     Args:
@@ -366,6 +367,14 @@ class PixelSDXLUNet2DConditionModel(StrictModelMixin, ModelMixin, ConfigMixin, P
                 norm_eps,
             )
         self.gradient_checkpointing = False
+
+    @classmethod
+    def _convert_single_file(cls, path: str, **converter_kwargs) -> "PixelSDXLUNet2DConditionModel":
+        """`from_single_file`: an SGM-layout SDXL or upstream pixel-SDXL file through `convert_pixel_sdxl_checkpoint`
+        (`unet_config`, `seed`); its U-Net."""
+        from ...conversion.pixel_sdxl import convert_pixel_sdxl_checkpoint
+
+        return convert_pixel_sdxl_checkpoint(path, **converter_kwargs)[0]["unet"]
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "PixelSDXLUNet2DConditionModel":

@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...loading import StrictPipelineMixin
 from .. import validation
 from ...models.analytic.analytic_utils import AnalyticDenoiser
+from ..offload import SequentialOffloadMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -60,7 +61,7 @@ def r2(x: torch.Tensor, y: torch.Tensor) -> float:
     return (1 - (x - y).square().sum(1) / (y.shape[1] * variance)).mean().item()
 
 
-class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
+class AnalyticDiffusionPipeline(StrictPipelineMixin, SequentialOffloadMixin, DiffusionPipeline):
     r"""
     Unconditional image generation with an analytic denoiser in pixel space.
 
@@ -85,8 +86,9 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
 
     def _alpha_bar(self, timestep) -> torch.Tensor:
-        table = self.denoiser.alphas_cumprod if isinstance(self.denoiser, AnalyticDenoiser) else self.scheduler.alphas_cumprod
-        return table[int(round(float(timestep)))].float()
+        if isinstance(self.denoiser, AnalyticDenoiser):
+            return self.denoiser.alpha_bar(int(round(float(timestep))))
+        return self.scheduler.alphas_cumprod[int(round(float(timestep)))].float()
 
     @torch.no_grad()
     def predict_x0(self, sample: torch.Tensor, timestep, generator=None) -> torch.Tensor:
@@ -108,6 +110,11 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
         if kind == "v_prediction":
             return a.sqrt() * eps - (1 - a).sqrt() * x0
         raise ValueError(f"scheduler prediction_type {kind!r} is not supported; use 'epsilon', 'sample' or 'v_prediction'.")
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the last call (read by diffusers' callbacks)."""
+        return self._num_timesteps
 
     def _shape(self):
         config = self.denoiser.config
@@ -161,6 +168,7 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
             latents = randn_tensor((batch_size,) + self._shape(), generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         timesteps, trajectory_xt, trajectory_x0 = [], [], []
         x0 = None

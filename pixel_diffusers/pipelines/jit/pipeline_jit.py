@@ -19,6 +19,7 @@ from ...hub import PixelDiffusersHubMixin
 from ...loaders import TransformerLoraLoaderMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
+from ..offload import SequentialOffloadMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -33,7 +34,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, TransformerLoraLoaderMixin):
+class JiTPipeline(StrictPipelineMixin, SequentialOffloadMixin, PixelDiffusersHubMixin, DiffusionPipeline, TransformerLoraLoaderMixin):
     r"""
     JiT class-conditional image pipeline.
 
@@ -75,9 +76,24 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
                 names[name.strip()] = int(key)
         return names
 
-    def get_label_ids(self, label: int | str | list[int | str]) -> list[int]:
-        """Class ids of labels given as ids or names (names need `id2label` in the transformer config)."""
-        labels = label if isinstance(label, (list, tuple)) else [label]
+    @staticmethod
+    def _flatten_labels(label) -> list:
+        """A label, a (nested) list or tuple of labels, or an integer tensor / array of any shape (as diffusers' DiT
+        pipeline accepts), as a flat list."""
+        if isinstance(label, np.ndarray):
+            label = torch.from_numpy(label)
+        if isinstance(label, torch.Tensor):
+            if label.is_floating_point() or label.is_complex() or label.dtype == torch.bool:
+                raise ValueError(f"`class_labels` as a tensor or array must hold integer ids; got dtype {label.dtype}.")
+            return label.reshape(-1).tolist()
+        if isinstance(label, (list, tuple)):
+            return [item for part in label for item in JiTPipeline._flatten_labels(part)]
+        return [label]
+
+    def get_label_ids(self, label) -> list[int]:
+        """Class ids of labels given as ids or names (names need `id2label` in the transformer config), alone, in
+        (nested) lists, or as an integer tensor."""
+        labels = self._flatten_labels(label)
         num_classes = self.transformer.config.num_classes
         ids = []
         for item in labels:
@@ -99,8 +115,8 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
     def check_inputs(self, class_labels, height, width, num_inference_steps, sigmas, guidance_scale,
                      guidance_interval, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
                      latents=None, generator=None, callback_on_step_end=None):
-        if class_labels is None or (isinstance(class_labels, (list, tuple)) and len(class_labels) == 0):
-            raise ValueError("`class_labels` must be a class id or name, or a non-empty list of them.")
+        if class_labels is None or len(self._flatten_labels(class_labels)) == 0:
+            raise ValueError("`class_labels` must be a class id or name, or a non-empty list or tensor of them.")
         size = self.transformer.config.sample_size
         for name, value in (("height", height), ("width", width)):
             if not validation.is_int(value) or value != size:
@@ -162,7 +178,7 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        class_labels: int | str | list[int | str] | None = None,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -185,7 +201,8 @@ class JiTPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline
         Generates images of the given classes.
 
         Args:
-            class_labels (`int`, `str` or a list of them): class ids, or names from `transformer.config.id2label`.
+            class_labels (`int`, `str`, a (nested) list of them, or an integer tensor): class ids, or names from
+                `transformer.config.id2label`.
             height, width (`int`, default: the transformer's `sample_size`): must equal it.
             num_inference_steps (`int`, defaults to 50): steps N of the grid `1, 1 - 1/N, ..., 1/N` (Heun evaluates the
                 transformer 2N - 1 times).

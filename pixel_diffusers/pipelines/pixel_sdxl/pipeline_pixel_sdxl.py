@@ -11,7 +11,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin
-from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils import USE_PEFT_BACKEND, logging, replace_example_docstring, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -20,6 +20,7 @@ from .. import validation
 from ...hub import PixelDiffusersHubMixin
 from ...models.unets.unet_pixel_sdxl import PixelSDXLUNet2DConditionModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
+from ..offload import SequentialOffloadMixin
 
 logger = logging.get_logger(__name__)
 
@@ -40,7 +41,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusionXLLoraLoaderMixin):
+class PixelSDXLPipeline(StrictPipelineMixin, SequentialOffloadMixin, PixelDiffusersHubMixin, DiffusionPipeline, StableDiffusionXLLoraLoaderMixin):
     r"""
     Pixel-space SDXL text-to-image pipeline.
 
@@ -120,16 +121,45 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
     ):
         r"""
         Encodes prompts with both CLIP encoders into the context (B, 77, 768 + 1280) and the pooled embedding, repeated
         `num_images_per_prompt` times. `prompt_2` goes to the second encoder (default: `prompt`). The unconditional
         branch encodes `negative_prompt` ("" by default) normally, as training's caption dropout did.
 
+        `lora_scale` scales the text encoders' LoRA layers while encoding (as diffusers' SDXL pipeline does; `__call__`
+        passes `cross_attention_kwargs["scale"]`, so one scale reaches the U-Net and the text encoders). Needs only the
+        text components: works with `unet=None`.
+
         Returns `(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)`; the
         negative pair is `None` without guidance.
         """
         device = device or self._execution_device
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        if lora_scale is not None and USE_PEFT_BACKEND:
+            for encoder in encoders:
+                scale_lora_layers(encoder, lora_scale)
+        try:
+            embeds = self._encode_prompts(
+                prompt, prompt_2, negative_prompt, negative_prompt_2, do_classifier_free_guidance, device,
+                prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            )
+        finally:
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                for encoder in encoders:
+                    unscale_lora_layers(encoder, lora_scale)
+        dtype = self.unet.dtype if self.unet is not None else self.text_encoder_2.dtype
+
+        def repeat(tensor):
+            return None if tensor is None else tensor.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        return tuple(repeat(tensor) for tensor in embeds)
+
+    def _encode_prompts(
+        self, prompt, prompt_2, negative_prompt, negative_prompt_2, do_classifier_free_guidance, device,
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+    ):
 
         def encode(first, second):
             first = [first] if isinstance(first, str) else first
@@ -150,18 +180,7 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
                 batch_size * [negative_prompt_2] if isinstance(negative_prompt_2, str) else negative_prompt_2
             )
             negative_prompt_embeds, negative_pooled_prompt_embeds = encode(negative_prompt, negative_prompt_2)
-
-        dtype = self.unet.dtype
-
-        def repeat(tensor):
-            return None if tensor is None else tensor.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
-
-        return (
-            repeat(prompt_embeds),
-            repeat(negative_prompt_embeds),
-            repeat(pooled_prompt_embeds),
-            repeat(negative_pooled_prompt_embeds),
-        )
+        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
     # ------------------------------------------------------------------------------------------------------------
     # Checks and helpers
@@ -411,6 +430,7 @@ class PixelSDXLPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPi
             negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"),
         )
         batch_size = prompt_embeds.shape[0]
         latents = self.prepare_latents(batch_size, height, width, device, generator, latents)

@@ -22,6 +22,7 @@ from ...hub import PixelDiffusersHubMixin
 from ...loaders import TransformerLoraLoaderMixin
 from ...models.transformers.transformer_jit import JiTTransformer2DModel
 from ..flow_utils import current_sigma, progress_total, retrieve_flow_timesteps, starts_a_step, x0_to_prediction
+from ..offload import SequentialOffloadMixin
 from .codec import TextPixelCodec
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -52,7 +53,7 @@ class PixelDLMPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class PixelDLMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, TransformerLoraLoaderMixin):
+class PixelDLMPipeline(StrictPipelineMixin, SequentialOffloadMixin, PixelDiffusersHubMixin, DiffusionPipeline, TransformerLoraLoaderMixin):
     r"""
     PixelDLM prompt -> answer pipeline.
 

@@ -21,6 +21,7 @@ from ...hub import PixelDiffusersHubMixin
 from ...loaders import TransformerLoraLoaderMixin
 from ...models.transformers.transformer_pixelhdm import PixelHDMTransformer2DModel
 from ..flow_utils import current_sigma, flow_to_prediction, progress_total, retrieve_flow_timesteps, starts_a_step
+from ..offload import SequentialOffloadMixin
 
 logger = logging.get_logger(__name__)
 
@@ -42,7 +43,7 @@ class PixelHDMLoraLoaderMixin(TransformerLoraLoaderMixin):
     """LoRA loading for `PixelHDMPipeline` (its only adaptable component is `transformer`)."""
 
 
-class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLoaderMixin):
+class PixelHDMPipeline(StrictPipelineMixin, SequentialOffloadMixin, PixelDiffusersHubMixin, DiffusionPipeline, PixelHDMLoraLoaderMixin):
     r"""
     PixelHDM text-to-image pipeline.
 
@@ -141,11 +142,12 @@ class PixelHDMPipeline(StrictPipelineMixin, PixelDiffusersHubMixin, DiffusionPip
         `num_images_per_prompt` times. The unconditional embedding (for classifier-free guidance) comes from
         `negative_prompt`, the empty prompt "" by default, as in training with caption dropout.
 
-        Returns `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`;
-        the negative pair is `None` without guidance.
+        Needs only the text components (works with `transformer=None`). Returns `(prompt_embeds,
+        prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`; the negative pair is `None`
+        without guidance.
         """
         device = device or self._execution_device
-        dtype = self.transformer.dtype
+        dtype = self.transformer.dtype if self.transformer is not None else self.text_encoder.dtype
 
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt

@@ -15,6 +15,7 @@ from ...loading import StrictPipelineMixin
 from .. import validation
 from ...models.small.small_utils import SmallDiffusionModel
 from ...schedulers.scheduling_gradient_estimation import GradientEstimationScheduler
+from ..offload import SequentialOffloadMixin
 
 OUTPUT_TYPES = ("pt", "np", "pil")
 
@@ -27,7 +28,7 @@ class SmallDiffusionPipelineOutput(BaseOutput):
     images: object
 
 
-class SmallDiffusionPipeline(StrictPipelineMixin, DiffusionPipeline):
+class SmallDiffusionPipeline(StrictPipelineMixin, SequentialOffloadMixin, DiffusionPipeline):
     r"""
     Samples a [`SmallDiffusionModel`] with [`GradientEstimationScheduler`] (set its `gam` / `mu`).
 
