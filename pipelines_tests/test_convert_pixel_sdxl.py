@@ -178,13 +178,14 @@ def test_upstream_pixel_checkpoint_round_trip(tmp_path):
         state.update(encoders_to_sgm(te1, te2, transpose_projection=False))  # upstream saves the Linear weight as is
         path = tmp_path / "pixel.pt"
         torch.save({"model": state, "optimizer_state": {}}, path)
-        converted, report = convert_pixel_sdxl_checkpoint(
-            path, unet_config={k: v for k, v in TINY.items() if k not in ("patch_hidden_channels", "num_patch_res_blocks")}, clip_head_dim=16
-        )
+        unet_config = {k: v for k, v in TINY.items() if k not in ("patch_hidden_channels", "num_patch_res_blocks")}
+        converted, report = convert_pixel_sdxl_checkpoint(path, unet_config=unet_config, clip_head_dim=16)
         assert report.kind == "upstream pixel-SDXL checkpoint" and not report.fresh
         assert converted["unet"].config.patch_size == model.config.patch_size
+        single = PixelSDXLUNet2DConditionModel.from_single_file(path, unet_config=unet_config, clip_head_dim=16)
         for key, value in model.state_dict().items():
             assert torch.equal(converted["unet"].state_dict()[key], value), key
+            assert torch.equal(single.state_dict()[key], value), key
         check_encoders(converted, te1, te2)
 
 

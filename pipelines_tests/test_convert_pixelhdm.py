@@ -154,6 +154,8 @@ def test_safetensors_and_plain_state_dicts(tmp_path):
     model, report = convert_pixelhdm_checkpoint(tmp_path / "model.safetensors", preset="for_testing")
     assert report.config_source == "preset 'for_testing'"
     torch.testing.assert_close(outputs(model), outputs(reference), rtol=0, atol=0)
+    single = PixelHDMTransformer2DModel.from_single_file(tmp_path / "model.safetensors", preset="for_testing")
+    torch.testing.assert_close(outputs(single), outputs(reference), rtol=0, atol=0)
 
     # No config and no preset: inferred from the shapes; a torch.compile prefix is stripped.
     torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, tmp_path / "plain.pt")

@@ -368,3 +368,48 @@ def test_community_jit_layouts_load_with_the_outputs_of_the_upstream_checkpoint(
     with pytest.raises(ValueError, match="model_type"):
         _save_layout(tmp_path / "bad", {**bili_config, "model_type": "JiT-X/1"}, bili_state)
         JiTTransformer2DModel.from_pretrained(tmp_path / "bad")
+
+
+def test_a_pipeline_folder_in_the_layout_of_diffusers_pr_13098_loads_into_jit_pipeline(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pixel_diffusers import JiTPipeline
+
+    model = randomized(JiTTransformer2DModel(**TINY_JIT))
+    config = dict(TINY_JIT, in_channels=3, mlp_ratio=4.0, attention_dropout=0.0, dropout=0.0, norm_eps=1e-6)
+    _save_layout(tmp_path / "transformer", config, _pr13098_layout(_to_upstream_jit(model.state_dict(), model)))
+    FlowMatchEulerDiscreteScheduler().save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "JiTPipeline", "_diffusers_version": "0.37.0.dev0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "transformer": ["diffusers", "JiTTransformer2DModel"],
+    }))
+    loaded = JiTPipeline.from_pretrained(tmp_path)
+    reference = JiTPipeline(model, FlowMatchEulerDiscreteScheduler())
+    for pipe in (loaded, reference):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(class_labels=[2], num_inference_steps=3, output_type="pt")
+    torch.testing.assert_close(loaded(generator=torch.Generator().manual_seed(0), **kwargs).images,
+                               reference(generator=torch.Generator().manual_seed(0), **kwargs).images, rtol=0, atol=0)
+
+
+def test_from_single_file_uses_the_converters_strictly(tmp_path):
+    model = randomized(JiTTransformer2DModel(**TINY_JIT))
+    upstream = _to_upstream_jit(model.state_dict(), model)
+    torch.save({"model": upstream, "model_ema1": upstream, "args": argparse.Namespace(model="tiny", img_size=16)},
+               tmp_path / "checkpoint-last.pth")
+    loaded = JiTTransformer2DModel.from_single_file(tmp_path / "checkpoint-last.pth", weights="model",
+                                                    in_context_start=1, torch_dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and not loaded.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key].float(), value, rtol=0, atol=1e-2)
+    dlm = randomized(JiTTransformer2DModel(**TINY_DLM))
+    torch.save({"model_state_dict": _to_upstream_pixeldlm(dlm.state_dict())}, tmp_path / "best_model.pth")
+    loaded = JiTTransformer2DModel.from_single_file(tmp_path / "best_model.pth", architecture="pixeldlm", num_attention_heads=2)
+    assert loaded.config.architecture == "pixeldlm"
+    torch.save({**upstream, "net.extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match="Unexpected upstream keys"):
+        JiTTransformer2DModel.from_single_file(tmp_path / "extra.pth", in_context_start=1)
+    with pytest.raises(ValueError, match="architecture"):
+        JiTTransformer2DModel.from_single_file(tmp_path / "best_model.pth", architecture="dit")
+    with pytest.raises(ValueError, match="neither a file"):
+        JiTTransformer2DModel.from_single_file(tmp_path / "missing.pth")

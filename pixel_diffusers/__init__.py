@@ -19,7 +19,7 @@ class _TorchvisionFallbackNotice(_logging.Filter):
 _notice_filter = _TorchvisionFallbackNotice()
 _logging.getLogger("transformers.utils.import_utils").addFilter(_notice_filter)
 
-from .hub import register_with_diffusers
+from .hub import register_text_to_image_pipelines, register_with_diffusers
 from .models import (
     ConditionalMLP,
     IdealDenoiser,
@@ -54,9 +54,12 @@ _logging.getLogger("transformers.utils.import_utils").removeFilter(_notice_filte
 
 __version__ = "0.1.0"
 
+# JiTTransformer2DModel too: folders in the layout of diffusers PR #13098 name it as a diffusers class.
 register_with_diffusers(
-    AnalyticDiffusionPipeline, JiTPipeline, PixelDLMPipeline, PixelHDMPipeline, PixelSDXLPipeline, SmallDiffusionPipeline
+    AnalyticDiffusionPipeline, JiTPipeline, PixelDLMPipeline, PixelHDMPipeline, PixelSDXLPipeline, SmallDiffusionPipeline,
+    JiTTransformer2DModel,
 )
+register_text_to_image_pipelines(pixelhdm=PixelHDMPipeline, pixel_sdxl=PixelSDXLPipeline)
 
 __all__ = [
     "AnalyticDiffusionPipeline",
@@ -85,5 +88,6 @@ __all__ = [
     "TimeInputMLP",
     "TreeDataset",
     "WienerDenoiser",
+    "register_text_to_image_pipelines",
     "register_with_diffusers",
 ]

@@ -42,14 +42,16 @@ def _exempt_our_components(check):
     return checked
 
 
-def register_with_diffusers(*pipeline_classes: type) -> None:
+def register_with_diffusers(*classes: type) -> None:
     """Lets `diffusers.DiffusionPipeline.from_pretrained` load our pipelines, from folders and from Hub repo ids.
 
-    diffusers resolves a `model_index.json` `_class_name` in its own namespace only, so the classes are exposed
-    there; and the custom-component check of `DiffusionPipeline.download` is taught to accept our components.
+    diffusers resolves a `model_index.json` `_class_name` (and a component listed as `["diffusers", name]`) in its
+    own namespace only, so the classes are exposed there, unless diffusers has a class of that name itself; and the
+    custom-component check of `DiffusionPipeline.download` is taught to accept our components.
     """
-    for cls in pipeline_classes:
-        setattr(diffusers, cls.__name__, cls)
+    for cls in classes:
+        if getattr(diffusers, cls.__name__, cls) is cls or _is_ours(getattr(diffusers, cls.__name__).__module__):
+            setattr(diffusers, cls.__name__, cls)
     check = pipeline_utils._get_custom_components_and_folders
     if not getattr(check, "__pixel_diffusers_exempt__", False):
         pipeline_utils._get_custom_components_and_folders = _exempt_our_components(check)
@@ -84,6 +86,18 @@ def unreachable_hub_cause(error: BaseException) -> BaseException | None:
         seen = seen.__cause__ or seen.__context__
     hits = [c for c in causes if isinstance(c, ConnectionError) or any(n in type(c).__name__ for n in _UNREACHABLE)]
     return hits[-1] if hits else None
+
+
+def register_text_to_image_pipelines(**pipelines: type) -> None:
+    """Makes `AutoPipelineForText2Image.from_pretrained` load saved folders of our text-to-image pipelines.
+
+    diffusers has no registration API for auto pipelines; it finds the class through its task mapping (model name ->
+    pipeline class), so our classes are added to that mapping under `pipelines`' names. Pipelines of tasks without an
+    auto class (class-conditional, unconditional, text-to-text) are not registered."""
+    from diffusers.pipelines import auto_pipeline
+
+    for model_name, cls in pipelines.items():
+        auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING.setdefault(model_name, cls)
 
 
 def _count_parameters(module) -> int | None:

@@ -76,6 +76,12 @@ class AnalyticDenoiser(StrictModelMixin, ModelMixin, ConfigMixin):
         self.register_buffer("alphas_cumprod", self._alpha_table.clone(), persistent=False)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the fitted statistics are stored in (these models have buffers, no parameters)."""
+        stored = [b for n, b in self._buffers.items() if n not in self._non_persistent_buffers_set and b is not None]
+        return next((b.dtype for b in stored if b.is_floating_point()), torch.float32)
+
+    @property
     def dim(self) -> int:
         """Number of values of one image, ``C * H * W``."""
         return self.config.in_channels * self.config.sample_size**2

@@ -38,14 +38,20 @@ class SmallDiffusionPipeline(StrictPipelineMixin, SequentialOffloadMixin, Diffus
     """
 
     model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, model: SmallDiffusionModel, scheduler: GradientEstimationScheduler):
         super().__init__()
         self.register_modules(model=model, scheduler=scheduler)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
 
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the last call (read by diffusers' callbacks)."""
+        return self._num_timesteps
+
     def check_inputs(self, batch_size, num_inference_steps, class_labels, guidance_scale, generator, latents,
-                     output_type) -> torch.Tensor | None:
+                     output_type, callback_on_step_end=None, callback_on_step_end_tensor_inputs=None) -> torch.Tensor | None:
         """Raises on a bad argument; returns the class labels as a long tensor (or None)."""
         validation.check_positive_int("batch_size", batch_size)
         validation.check_positive_int("num_inference_steps", num_inference_steps)
@@ -53,6 +59,8 @@ class SmallDiffusionPipeline(StrictPipelineMixin, SequentialOffloadMixin, Diffus
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES} ('pil' for image models only), got {output_type!r}.")
         validation.check_guidance_scale(guidance_scale)
         validation.check_generator(generator)
+        validation.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        validation.check_callback(callback_on_step_end)
         if latents is not None:
             validation.check_tensor("latents", latents, (batch_size,) + tuple(self.model.input_dims))
         if not self.model.is_conditional:
@@ -87,12 +95,13 @@ class SmallDiffusionPipeline(StrictPipelineMixin, SequentialOffloadMixin, Diffus
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 20, class_labels=None, guidance_scale: float = 0.0,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None, output_type: str = "pt",
-                 return_dict: bool = True):
+                 return_dict: bool = True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         """Draws ``batch_size`` samples; ``class_labels`` (ints in ``[0, num_classes)``, one per sample) for
-        conditional models; ``guidance_scale`` w > 0 (classifier-free guidance) needs them."""
+        conditional models; ``guidance_scale`` w > 0 (classifier-free guidance) needs them.
+        ``callback_on_step_end(pipe, i, t, {"latents": ...})`` runs after every step and may return new ``latents``."""
         device = self._execution_device
         cond = self.check_inputs(batch_size, num_inference_steps, class_labels, guidance_scale, generator, latents,
-                                 output_type)
+                                 output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
         cond = None if cond is None else cond.to(device)
         shape = (batch_size,) + tuple(self.model.input_dims)
         if latents is None:
@@ -100,10 +109,14 @@ class SmallDiffusionPipeline(StrictPipelineMixin, SequentialOffloadMixin, Diffus
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         x = latents * self.scheduler.init_noise_sigma
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            direction = self.model.predict_eps_cfg(x, self.scheduler.sigmas[i].to(device), cond, guidance_scale)
+            sigma = self.scheduler.sigmas[i].to(device, self.model.dtype)
+            direction = self.model.predict_eps_cfg(x.to(self.model.dtype), sigma, cond, guidance_scale).float()
             x = self.scheduler.step(direction, t, x, generator=generator).prev_sample
+            if callback_on_step_end is not None:
+                x = validation.callback_outputs(callback_on_step_end(self, i, t, {"latents": x})).pop("latents", x)
             validation.check_finite_step(x, i, self.scheduler.sigmas[i])
         samples = x
         if output_type != "pt":
