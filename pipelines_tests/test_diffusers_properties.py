@@ -220,7 +220,7 @@ def _forward(model, call):
 
 
 @names
-@pytest.mark.parametrize("variant, shard", [(None, None), ("fp16", None), (None, "20KB")])
+@pytest.mark.parametrize("variant, shard", [(None, None), ("fp16", None), (None, "4KB")])
 def test_model_save_load_variant_and_sharding(name, variant, shard, tmp_path):
     model, call = _denoiser_call(name)
     model.save_pretrained(tmp_path, variant=variant, **({"max_shard_size": shard} if shard else {}))
@@ -231,7 +231,7 @@ def test_model_save_load_variant_and_sharding(name, variant, shard, tmp_path):
         assert any(f.endswith(".index.json") for f in files), files
     loaded = type(model).from_pretrained(tmp_path, variant=variant).eval()
     with torch.no_grad():
-        torch.testing.assert_close(_forward(loaded, call), _forward(model, call), rtol=0, atol=0)
+        torch.testing.assert_close(_forward(loaded, call), _forward(model, call), rtol=1e-5, atol=1e-5)
 
 
 @names
