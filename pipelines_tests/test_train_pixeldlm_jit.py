@@ -114,7 +114,7 @@ def test_jit_and_pixeldlm_train_a_lora_with_its_alpha(tmp_path):
                      make_tiny_tokenizer()).save_pretrained(base)
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps([{"prompt": f"{i}+1", "answer": str(i + 1)} for i in range(4)]))
-    load_script("train_pixeldlm").main(lora + ["--data", str(data), "--pretrained_model", str(base),
+    load_script("train_pixeldlm").main(lora + ["--data", str(data), "--pretrained_model_name_or_path", str(base),
                                                "--output_dir", str(tmp_path / "dlm"), "--num_validation_items", "1",
                                                "--validation_num_inference_steps", "1"])
     _assert_lora_reloads_at_the_trained_scale(PixelDLMPipeline.from_pretrained(base), tmp_path / "dlm" / "lora")

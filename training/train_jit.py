@@ -32,6 +32,8 @@ from pixel_diffusers.schedulers.scheduling_pixel_flow import PixelFlowMatchSched
 from pixel_diffusers.training_utils import (
     TrainingRun,
     add_common_training_args,
+    add_lora_adapter,
+    add_lora_args,
     add_image_data_args,
     add_validation_args,
     add_weighting_args,
@@ -54,6 +56,7 @@ logger = logging.getLogger("train_jit")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_training_args(parser)
+    add_lora_args(parser)
     add_validation_args(parser, prompts=False)
     add_image_data_args(parser)
     add_weighting_args(parser, logit_mean=-0.8, logit_std=0.8)
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None):
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer.train()
+    if args.lora_rank:
+        add_lora_adapter(transformer, args.lora_rank, args.lora_alpha)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     noise_scale = transformer.noise_scale
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None):
         validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
     )
     grid = sample_grid(pipe, model, ema, args, accelerator, run.state.step, "final")
-    folder = save_final_outputs(pipe, "transformer", model, ema, args, grid, None, accelerator=accelerator)
+    folder = save_final_outputs(pipe, "transformer", model, ema, args, accelerator, grid)
     if folder is not None:
         logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, run.state.step,
                     run.state.images_seen, run.state.skipped_files)

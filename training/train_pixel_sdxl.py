@@ -253,10 +253,7 @@ def save_outputs(pipe, model, ema, args, accelerator, state) -> None:
         resolution = args.validation_resolution or args.min_resolution
         card = {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
 
-    def save_lora(folder, lora_state_dict):
-        PixelSDXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_dict)
-
-    folder = save_final_outputs(pipe, "unet", model, ema, args, grid, save_lora, card, accelerator)
+    folder = save_final_outputs(pipe, "unet", model, ema, args, accelerator, grid, card)
     if folder is None:
         return
     logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, state.step, state.images_seen,

@@ -40,6 +40,8 @@ from pixel_diffusers.training_utils import (
     TrainingRun,
     TrainingState,
     add_common_training_args,
+    add_lora_adapter,
+    add_lora_args,
     add_validation_args,
     addition_pairs,
     build_optimizer,
@@ -59,6 +61,7 @@ logger = logging.getLogger("train_pixeldlm")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_training_args(parser)
+    add_lora_args(parser)
     add_validation_args(parser, prompts=False)
     group = parser.add_argument_group("PixelDLM")
     source = group.add_mutually_exclusive_group(required=True)
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer.train()
+    if args.lora_rank:
+        add_lora_adapter(transformer, args.lora_rank, args.lora_alpha)
     if transformer.config.architecture != "pixeldlm":
         raise ValueError("The transformer must have architecture='pixeldlm'.")
     if args.gradient_checkpointing:
@@ -170,8 +175,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
     run.train(accelerator, args, batches, micro_step, [p for p in transformer.parameters() if p.requires_grad],
               validate=validate)
     accuracy = validate(run.state.step)  # with the EMA weights, as saved
-    folder = save_final_outputs(pipe, "transformer", model, ema, args, None, None, {"exact_match": accuracy},
-                                accelerator)
+    folder = save_final_outputs(pipe, "transformer", model, ema, args, accelerator, card_fields={"exact_match": accuracy})
     if folder is not None:
         result = {"step": run.state.step, "exact_match": accuracy, "num_items": len(pairs)}
         (Path(args.output_dir) / "exact_match.json").write_text(json.dumps(result))

@@ -217,10 +217,7 @@ def save_outputs(pipe, model, ema, repa_loss, args, accelerator, run) -> None:
         resolution = args.validation_resolution or args.min_resolution
         card = {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
 
-    def save_lora(folder, lora_state_dict):
-        PixelHDMPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict)
-
-    folder = save_final_outputs(pipe, "transformer", model, ema, args, grid, save_lora, card, accelerator)
+    folder = save_final_outputs(pipe, "transformer", model, ema, args, accelerator, grid, card)
     if repa_loss is not None:
         projector = run.engine.full_state_dict(repa_loss.projector, keep=accelerator.is_main_process)
         if accelerator.is_main_process:

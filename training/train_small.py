@@ -129,7 +129,7 @@ def main(argv=None):
         return {"loss": loss.detach(), "images": len(x0)}
 
     run.train(accelerator, args, batches, micro_step, [p for p in wrapped.parameters() if p.requires_grad])
-    folder = save_final_outputs(pipe, "model", model, run.ema, args, None, None, accelerator=accelerator)
+    folder = save_final_outputs(pipe, "model", model, run.ema, args, accelerator)
     if folder is not None and isinstance(dataset, (Swissroll, TreeDataset)):
         quality = evaluate(pipe, dataset, args)
         (folder.parent / "evaluation.json").write_text(json.dumps(quality, indent=2))

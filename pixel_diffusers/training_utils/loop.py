@@ -217,16 +217,17 @@ def ema_weights(ema: ShardedEMA | None):
 
 
 def save_final_outputs(
-    pipe, component: str, model, ema, args, grid: Path | None, save_lora, card_fields=None, accelerator=None,
+    pipe, component: str, model, ema, args, accelerator, grid: Path | None = None, card_fields: dict | None = None,
 ) -> Path | None:
     """Writes the run's result and pushes it when `args.push_to_hub`; every process calls it, the main one writes.
 
     The full state dict is gathered from every process, with the EMA weights in place of the trained ones when there
     is an EMA. A full run saves the pipeline to `output_dir/pipeline` (in `args.save_precision`, after which `pipe`
     keeps that precision): under FSDP2 and ZeRO-3 into a fresh, unsharded copy of the model, which then replaces the
-    sharded one in `pipe`. A LoRA run calls `save_lora(folder, lora_state_dict)` for `output_dir/lora`. The sample
-    grid goes in as `samples.png` and the model card carries the training configuration. Returns the folder on the
-    main process, None elsewhere.
+    sharded one in `pipe`. A LoRA run writes the adapter of `component` to `output_dir/lora` with its metadata (rank,
+    alpha, target modules), so that `load_lora_weights` restores the trained scale. The sample grid goes in as
+    `samples.png` and the model card carries the training configuration. Returns the folder on the main process, None
+    elsewhere.
     """
     engine = Engine.of(accelerator)
     averaged = ema.full_state() if ema is not None else None
@@ -239,9 +240,11 @@ def save_final_outputs(
         card["sample_grid"] = "samples.png"
     folder = Path(args.output_dir) / ("lora" if lora else "pipeline")
     if lora:
+        from diffusers.training_utils import _collate_lora_metadata
         from peft.utils import get_peft_model_state_dict
 
-        save_lora(folder, get_peft_model_state_dict(model, state_dict=full))
+        layers = {f"{component}_lora_layers": get_peft_model_state_dict(model, state_dict=full)}
+        type(pipe).save_lora_weights(folder, **layers, **_collate_lora_metadata({component: model}))
     else:
         final = type(model).from_config(model.config) if engine.shards_parameters else model
         final.load_state_dict(full, strict=True)
@@ -275,20 +278,6 @@ def add_lora_adapter(model, rank: int, alpha: float | None = None) -> None:
             target_modules=["to_q", "to_k", "to_v", "to_out.0"],
         )
     )
-
-
-def lora_saver(pipeline_cls, component: str):
-    """The `save_lora(folder, model)` of `save_final_outputs`: writes the LoRA of `model` (the pipeline's `component`)
-    with its adapter metadata (rank, alpha, target modules), so that `load_lora_weights` restores the trained scale."""
-
-    def save_lora(folder, model) -> None:
-        from diffusers.training_utils import _collate_lora_metadata
-        from peft.utils import get_peft_model_state_dict
-
-        layers = {f"{component}_lora_layers": get_peft_model_state_dict(model)}
-        pipeline_cls.save_lora_weights(folder, **layers, **_collate_lora_metadata({component: model}))
-
-    return save_lora
 
 
 def validation_prompts(args) -> list[str]:
