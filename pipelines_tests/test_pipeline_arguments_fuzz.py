@@ -3,7 +3,6 @@ raises a ValueError / TypeError that names an argument in backticks; never anoth
 value marked invalid must raise (no invalid value is accepted), and calls of valid values only must not raise
 anything but the named non-finite sampling error."""
 
-import math
 import re
 
 import numpy as np
