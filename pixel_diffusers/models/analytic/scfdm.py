@@ -46,6 +46,10 @@ class SmoothedCFDMDenoiser(OptimalDenoiser):
 
     def predict_x0(self, sample: torch.Tensor, alpha_bar: torch.Tensor, generator=None) -> torch.Tensor:
         m = self.config.num_noise
-        noise = randn_tensor((m,) + tuple(sample.shape), generator=generator, device=sample.device, dtype=sample.dtype)
+        if isinstance(generator, (list, tuple)):  # one generator per sample draws that sample's m perturbations
+            noise = randn_tensor((sample.shape[0], m) + tuple(sample.shape[1:]), generator=list(generator),
+                                 device=sample.device, dtype=sample.dtype).transpose(0, 1)
+        else:
+            noise = randn_tensor((m,) + tuple(sample.shape), generator=generator, device=sample.device, dtype=sample.dtype)
         queries = (sample.unsqueeze(0) + self.config.smoothing_std * noise).flatten(0, 1)
         return super().predict_x0(queries, alpha_bar).view(m, *sample.shape).mean(0)

@@ -125,8 +125,7 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, SequentialOffloadMixin, Dif
                      generator=None, callback_on_step_end=None):
         validation.check_positive_int("batch_size", batch_size)
         validation.check_positive_int("num_inference_steps", num_inference_steps)
-        if isinstance(generator, (list, tuple)):  # it also draws the denoiser's and the scheduler's noise
-            raise TypeError("`generator` must be a single torch.Generator (or None) for this pipeline, got a list.")
+        validation.check_generator(generator, batch_size)
         validation.check_sampling_call(
             self, output_type, OUTPUT_TYPES, callback_on_step_end_tensor_inputs, callback_on_step_end, generator,
             latents, (batch_size,) + self._shape(),
@@ -151,8 +150,8 @@ class AnalyticDiffusionPipeline(StrictPipelineMixin, SequentialOffloadMixin, Dif
         Args:
             batch_size (`int`, defaults to 1): images to generate.
             num_inference_steps (`int`, defaults to 10): scheduler steps (denoiser calls).
-            generator (`torch.Generator`, *optional*): draws the initial noise and any noise of stochastic
-                denoisers ([`SmoothedCFDMDenoiser`]) and schedulers.
+            generator (`torch.Generator` or a list of one per image, *optional*): draws the initial noise and any
+                noise of stochastic denoisers ([`SmoothedCFDMDenoiser`]) and schedulers (a list: each image's own).
             latents (`torch.Tensor`, *optional*): the initial noise `[B, C, H, W]` (before `init_noise_sigma`).
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"`, or `"latent"` for the final sample.
             return_dict (`bool`, defaults to True): return an [`AnalyticPipelineOutput`] instead of a tuple.
