@@ -66,10 +66,8 @@ def test_a_diffusers_command_line_parses_on_every_image_script(tmp_path):
     "script, flag",
     [
         ("train_jit", ["--validation_prompts", "a"]),  # class-conditional: no prompts
-        ("train_jit", ["--lora_rank", "4"]),
         ("train_pixeldlm", ["--dataloader_num_workers", "2"]),
         ("train_pixeldlm", ["--validation_prompts", "a"]),
-        ("train_pixeldlm", ["--lora_rank", "4"]),
         ("train_pixeldlm", ["--resolution", "64"]),
         ("train_pixeldlm", ["--pretrained_model", "x"]),
         ("train_pixelhdm", ["--random_flip", "0.5"]),  # a switch now; the probability is --flip_probability
