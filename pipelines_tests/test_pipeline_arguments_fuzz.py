@@ -299,7 +299,7 @@ SMALL_SPEC = {
 def test_small_arguments(small, drawn):
     kwargs, invalid = drawn
     batch = kwargs["batch_size"] if type(kwargs["batch_size"]) is int and kwargs["batch_size"] > 0 else 2
-    check(small, resolve(kwargs, (batch, 2)), invalid, lambda out: out.samples)
+    check(small, resolve(kwargs, (batch, 2)), invalid, lambda out: out.images)
 
 
 @pytest.fixture(scope="module")
