@@ -1,22 +1,15 @@
 """The synthetic shapes set, its pixel classifiers and benchmarks/eval_shapes.py."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from pixel_diffusers.testing import make_tiny_pixelhdm_pipeline
 from pixel_diffusers.training_utils import shapes
 
-EVAL_SHAPES = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_shapes.py"
-
+from repo_scripts import load_script
 
 def _eval_module():
-    spec = importlib.util.spec_from_file_location("eval_shapes", EVAL_SHAPES)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_shapes", "benchmarks")
 
 
 @pytest.mark.parametrize("size", [32, 64])

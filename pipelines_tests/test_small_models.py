@@ -142,13 +142,9 @@ def test_small_pipeline_conditional_and_bad_inputs():
 
 
 def test_train_small_swissroll_learns_and_resumes(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from repo_scripts import load_script
 
-    path = Path(__file__).resolve().parents[1] / "training" / "train_small.py"
-    spec = importlib.util.spec_from_file_location("train_small", path)
-    train_small = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_small)
+    train_small = load_script("train_small")
     argv = ["--data", "swissroll", "--batch_size", "100", "--checkpointing_steps", "100", "--lr_scheduler", "cosine",
             "--output_dir", str(tmp_path), "--report_to", "none"]
     train_small.main(argv + ["--max_train_steps", "100"])

@@ -1,6 +1,5 @@
 """The addition pairs, the exact-match score and benchmarks/eval_pixeldlm.py."""
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,6 +8,8 @@ import pytest
 
 from pixel_diffusers.testing import make_tiny_tokenizer
 from pixel_diffusers.training_utils import addition_pairs, answer_pairs, exact_match
+
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +51,7 @@ def test_exact_match_compares_token_ids():
 
 
 def test_addition_config_trains_and_eval_pixeldlm_scores_it(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_pixeldlm", ROOT / "training" / "train_pixeldlm.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_pixeldlm")
     tiny = {"sample_size": 8, "patch_size": 2, "hidden_size": 32, "num_layers": 1, "num_attention_heads": 2}
     out = tmp_path / "run"
     script.main(["--config", str(ROOT / "training" / "configs" / "pixeldlm_addition.yaml"), "--output_dir", str(out),
@@ -61,9 +60,7 @@ def test_addition_config_trains_and_eval_pixeldlm_scores_it(tmp_path):
     result = json.loads((out / "exact_match.json").read_text())
     assert result["num_items"] == 64 and 0.0 <= result["exact_match"] <= 1.0
 
-    spec = importlib.util.spec_from_file_location("eval_pixeldlm", ROOT / "benchmarks" / "eval_pixeldlm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("eval_pixeldlm", "benchmarks")
     scored = bench.main(["--pipeline", str(out / "pipeline"), "--num_inference_steps", "2"])
     assert scored["num_items"] == 64 and scored["exact_match"] == result["exact_match"]
     assert len(scored["wrong_examples"]) == min(8, round(64 * (1 - scored["exact_match"])))

@@ -1,6 +1,5 @@
 """training/train_pixel_sdxl.py: upstream's data rules, the three stages on tiny models, exact resume."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -14,10 +13,9 @@ from safetensors.torch import load_file
 from pixel_diffusers.models.unets.unet_pixel_sdxl import PIXEL_SDXL_PRESETS, PixelSDXLUNet2DConditionModel
 from pixel_diffusers.training_utils import MetadataBatches, bucket_for, build_lpips, process_tags
 
-SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_pixel_sdxl.py"
-spec = importlib.util.spec_from_file_location("train_pixel_sdxl", SCRIPT)
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+from repo_scripts import load_script
+
+train = load_script("train_pixel_sdxl")
 TINY = PIXEL_SDXL_PRESETS["for_testing"]
 
 

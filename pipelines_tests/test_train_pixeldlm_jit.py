@@ -1,20 +1,11 @@
 """The JiT and PixelDLM training scripts: a few steps at tiny size, checkpoints and exact resumption."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import load_script
 
 
 TINY_DLM = {"sample_size": 8, "patch_size": 2, "hidden_size": 32, "num_layers": 1, "num_attention_heads": 2}

@@ -1,6 +1,5 @@
 """training/train_pixelhdm.py at tiny size: outputs, exact resume after SIGKILL, two processes, LoRA, REPA, Hub push."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -16,6 +15,8 @@ from safetensors.torch import load_file
 from pixel_diffusers import PixelHDMPipeline
 from pixel_diffusers.testing import make_tiny_pixelhdm_pipeline
 
+from repo_scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_pixelhdm.py"
 TINY_RUN = [
@@ -27,19 +28,12 @@ TINY_RUN = [
 ]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_pixelhdm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def train(monkeypatch):
     """Runs the script's `main` in this process with a fresh accelerate state."""
     from accelerate.state import AcceleratorState
 
-    module = _load_script()
+    module = load_script("train_pixelhdm")
 
     def run(*argv):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -188,6 +182,6 @@ def test_repa_trains_and_saves_its_projector_until_early_stop(train, tmp_path):
 def test_bad_config_keys_are_rejected(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("output_dir: x\nlearning_rat: 0.1\n")
-    module = _load_script()
+    module = load_script("train_pixelhdm")
     with pytest.raises(ValueError, match="learning_rat"):
         module.main(["--config", str(config)])

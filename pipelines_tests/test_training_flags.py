@@ -4,7 +4,6 @@ import argparse
 import importlib.util
 import logging
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,14 +23,7 @@ from pixel_diffusers.training_utils import (
     sample_flow_sigmas,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import load_script
 
 
 def image_args(tmp_path, *argv):
