@@ -23,11 +23,15 @@ def test_generate_from_a_saved_pipeline(tiny_pipe, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grid.png", "image_000.png", "image_001.png"]
 
 
-def test_convert_writes_a_loadable_model(tmp_path):
+def test_convert_writes_a_loadable_model(tmp_path, capsys):
     model = reference_model()
     torch.save({"model": to_upstream(model), "ema": {"shadow": to_upstream(model)}, "config": UPSTREAM_CONFIG},
                tmp_path / "upstream.pt")
     main(["convert", "pixelhdm", str(tmp_path / "upstream.pt"), str(tmp_path / "converted")])
+    out = capsys.readouterr().out
+    count = sum(p.numel() for p in model.parameters())
+    assert out.startswith("PixelHDM conversion of")
+    assert out.endswith(f"saved PixelHDMTransformer2DModel ({count:,} parameters) to {tmp_path / 'converted'}\n")
     converted = PixelHDMTransformer2DModel.from_pretrained(tmp_path / "converted")
     for (name, a), b in zip(converted.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name

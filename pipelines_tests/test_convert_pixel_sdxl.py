@@ -225,7 +225,7 @@ def test_strict_errors(tmp_path):
         convert_pixel_sdxl_checkpoint(tmp_path / "c.bin")
 
 
-def test_cli_saves_a_loadable_pipeline(tmp_path):
+def test_cli_saves_a_loadable_pipeline(tmp_path, capsys):
     import argparse
 
     from pixel_diffusers.conversion.pixel_sdxl import add_subparser
@@ -241,8 +241,13 @@ def test_cli_saves_a_loadable_pipeline(tmp_path):
     parser = argparse.ArgumentParser()
     add_subparser(parser.add_subparsers(dest="system", required=True))
     args = parser.parse_args(["pixel-sdxl", str(src), str(tmp_path / "out")])
+    capsys.readouterr()
     args.func(args)
     pipe = PixelSDXLPipeline.from_pretrained(tmp_path / "out")
+    count = sum(p.numel() for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters())
+    out = capsys.readouterr().out
+    assert out.startswith("pixel-SDXL conversion of")
+    assert out.endswith(f"saved PixelSDXLPipeline ({count:,} parameters) to {tmp_path / 'out'}\n")
     assert pipe.unet.config.patch_size == 16 and pipe.scheduler.config.shift == 3.0
 
 

@@ -224,7 +224,7 @@ def test_jit_converter_round_trip_ema_choice_and_strictness(tmp_path):
         convert_jit_checkpoint(tmp_path / "missing.pth")
 
 
-def test_jit_converter_carries_the_training_args_and_any_depth(tmp_path):
+def test_jit_converter_carries_the_training_args_and_any_depth(tmp_path, capsys):
     model = randomized(JiTTransformer2DModel(**TINY_JIT))
     upstream = _to_upstream_jit(model.state_dict(), model)
     # A model name that is not a preset (a fork's): the architecture comes from the shapes, the rest from the args.
@@ -240,7 +240,10 @@ def test_jit_converter_carries_the_training_args_and_any_depth(tmp_path):
     parser = argparse.ArgumentParser()
     add_subparser(parser.add_subparsers(dest="system", required=True))
     args = parser.parse_args(["jit", str(tmp_path / "plain.pth"), str(tmp_path / "out"), "--in-context-start", "1"])
+    capsys.readouterr()
     args.func(args)
+    count = sum(p.numel() for p in model.parameters())
+    assert capsys.readouterr().out.endswith(f"saved JiTTransformer2DModel ({count:,} parameters) to {tmp_path / 'out'}\n")
     loaded = JiTTransformer2DModel.from_pretrained(tmp_path / "out").eval()
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(loaded(x, 700.0, class_labels=[2]).sample, model(x, 700.0, class_labels=[2]).sample)
@@ -275,6 +278,12 @@ def test_pixeldlm_converter_round_trip(tmp_path, decoder):
     torch.testing.assert_close(converted(x, 123.0, condition=cond).sample, model(x, 123.0, condition=cond).sample)
     with pytest.raises(ValueError, match="head count"):
         convert_pixeldlm_checkpoint(path)
+    parser = argparse.ArgumentParser()
+    add_subparser(parser.add_subparsers(dest="system", required=True))
+    args = parser.parse_args(["pixeldlm", str(path), str(tmp_path / "out"), "--num-attention-heads", "2"])
+    args.func(args)
+    loaded = JiTTransformer2DModel.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(loaded(x, 123.0, condition=cond).sample, model(x, 123.0, condition=cond).sample)
 
 
 def test_pixeldlm_converter_drops_the_frequency_loss_buffer(tmp_path):

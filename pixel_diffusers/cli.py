@@ -13,6 +13,7 @@ from .conversion.jit import add_subparser as add_jit_converters
 from .conversion.pixel_sdxl import add_subparser as add_pixel_sdxl_converter
 from .conversion.post_hoc_ema import add_subparser as add_post_hoc_ema_subparser
 from .conversion.smalldiffusion import add_subparser as add_smalldiffusion_converter
+from .conversion.strict import add_convert_command, save_converted
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -69,10 +70,7 @@ def cmd_demo(args) -> None:
 def cmd_convert(args) -> None:
     from pixel_diffusers.conversion import convert_pixelhdm_checkpoint
 
-    model, report = convert_pixelhdm_checkpoint(args.src, use_ema=not args.no_ema, preset=args.preset)
-    model.save_pretrained(args.dst)
-    print(report)
-    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.dst}")
+    save_converted(*convert_pixelhdm_checkpoint(args.src, use_ema=not args.no_ema, preset=args.preset), args.dst)
 
 
 def cmd_analytic(args) -> None:
@@ -124,12 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="convert an upstream checkpoint into a pixel_diffusers model")
     systems = convert.add_subparsers(dest="system", required=True)
-    pixelhdm = systems.add_parser("pixelhdm", help="an upstream PixelHDM .pt/.pth/.safetensors checkpoint")
-    pixelhdm.add_argument("src", help="the upstream checkpoint file")
-    pixelhdm.add_argument("dst", help="the folder to save the converted PixelHDMTransformer2DModel to")
+    pixelhdm = add_convert_command(
+        systems, "pixelhdm", "an upstream PixelHDM .pt/.pth/.safetensors checkpoint", cmd_convert,
+        "the upstream checkpoint file", "the folder to save the converted PixelHDMTransformer2DModel to",
+    )
     pixelhdm.add_argument("--no_ema", "--no-ema", action="store_true", help="convert the raw weights instead of the EMA ones")
     pixelhdm.add_argument("--preset", default=None, help="the architecture preset when the checkpoint has no config")
-    pixelhdm.set_defaults(func=cmd_convert)
     add_pixel_sdxl_converter(systems)
     add_jit_converters(systems)
     add_smalldiffusion_converter(systems)

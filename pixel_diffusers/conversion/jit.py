@@ -42,7 +42,7 @@ from ..models.transformers.transformer_jit import (
     _rope_angles,
     split_fused_attention,
 )
-from .strict import check_converted_state_dict, read_checkpoint
+from .strict import add_convert_command, check_converted_state_dict, read_checkpoint, save_converted
 
 __all__ = [
     "JiTConversionReport",
@@ -460,33 +460,28 @@ def convert_pixeldlm_checkpoint(
 
 def _cmd_convert_jit(args) -> None:
     overrides = {} if args.in_context_start is None else {"in_context_start": args.in_context_start}
-    model, report = convert_jit_checkpoint(args.src, weights=args.weights, preset=args.preset, **overrides)
-    model.save_pretrained(args.dst)
-    print(report)
-    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.dst}")
+    save_converted(*convert_jit_checkpoint(args.src, weights=args.weights, preset=args.preset, **overrides), args.dst)
 
 
 def _cmd_convert_pixeldlm(args) -> None:
-    model, report = convert_pixeldlm_checkpoint(args.src, num_attention_heads=args.num_attention_heads)
-    model.save_pretrained(args.dst)
-    print(report)
-    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.dst}")
+    save_converted(*convert_pixeldlm_checkpoint(args.src, num_attention_heads=args.num_attention_heads), args.dst)
 
 
 def add_subparser(subparsers) -> None:
     """Adds `jit` and `pixeldlm` to the `pixel-diffusers convert` sub-commands (`subparsers` of `convert`)."""
-    jit = subparsers.add_parser("jit", help="an official JiT checkpoint-*.pth (or state dict)")
-    jit.add_argument("src", help="the upstream checkpoint file")
-    jit.add_argument("dst", help="the folder to save the converted JiTTransformer2DModel to")
+    dst_help = "the folder to save the converted JiTTransformer2DModel to"
+    jit = add_convert_command(
+        subparsers, "jit", "an official JiT checkpoint-*.pth (or state dict)", _cmd_convert_jit,
+        "the upstream checkpoint file", dst_help,
+    )
     jit.add_argument("--weights", choices=("ema1", "ema2", "model"), default="ema1")
     jit.add_argument("--preset", default=None, choices=sorted(JIT_PRESETS), help="architecture when the file has no args")
     jit.add_argument(
         "--in_context_start", "--in-context-start", type=int, default=None,
         help="block the class tokens enter at, for a depth other than upstream's 12/24/32/40 (no tensor stores it)",
     )
-    jit.set_defaults(func=_cmd_convert_jit)
-    pixeldlm = subparsers.add_parser("pixeldlm", help="an upstream PixelDLM checkpoint_epoch_N.pth / best_model.pth")
-    pixeldlm.add_argument("src", help="the upstream checkpoint file")
-    pixeldlm.add_argument("dst", help="the folder to save the converted JiTTransformer2DModel to")
+    pixeldlm = add_convert_command(
+        subparsers, "pixeldlm", "an upstream PixelDLM checkpoint_epoch_N.pth / best_model.pth", _cmd_convert_pixeldlm,
+        "the upstream checkpoint file", dst_help,
+    )
     pixeldlm.add_argument("--num_attention_heads", "--num-attention-heads", type=int, default=None, help="heads, for a non-preset width")
-    pixeldlm.set_defaults(func=_cmd_convert_pixeldlm)

@@ -36,7 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..loading import nonfinite_keys
 from ..models.unets.unet_pixel_sdxl import PIXEL_SDXL_PRESETS, PixelSDXLUNet2DConditionModel
-from .strict import read_checkpoint
+from .strict import add_convert_command, read_checkpoint, save_converted
 
 __all__ = ["PixelSDXLConversionReport", "convert_pixel_sdxl_checkpoint", "add_subparser"]
 
@@ -434,7 +434,6 @@ def _run(args) -> None:
 
     overrides = {} if args.preset is None else dict(PIXEL_SDXL_PRESETS[args.preset])
     components, report = convert_pixel_sdxl_checkpoint(args.src, unet_config=overrides, seed=args.seed)
-    print(report)
     if args.tokenizer:
         components["tokenizer"] = CLIPTokenizer.from_pretrained(args.tokenizer)
     if args.tokenizer_2:
@@ -442,9 +441,9 @@ def _run(args) -> None:
         components["tokenizer_2"].pad_token = "!"  # open_clip pads with id 0
     if "tokenizer" in components and "tokenizer_2" in components:
         scheduler = PixelFlowMatchScheduler(solver="euler", prediction_type="sample", shift=3.0, sigma_max=1.0)
-        PixelSDXLPipeline(scheduler=scheduler, **components).save_pretrained(args.dst)
-        print(f"saved a PixelSDXLPipeline to {args.dst}")
+        save_converted(PixelSDXLPipeline(scheduler=scheduler, **components), report, args.dst)
         return
+    print(report)
     dst = Path(args.dst)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         components[name].save_pretrained(dst / name)
@@ -456,11 +455,10 @@ def _run(args) -> None:
 
 def add_subparser(subparsers) -> None:
     """Registers `pixel-sdxl` under `pixel-diffusers convert`."""
-    parser = subparsers.add_parser(
-        "pixel-sdxl", help="an SDXL single file, a diffusers SDXL folder or an upstream pixel-SDXL checkpoint"
+    parser = add_convert_command(
+        subparsers, "pixel-sdxl", "an SDXL single file, a diffusers SDXL folder or an upstream pixel-SDXL checkpoint",
+        _run, "SGM-layout .safetensors/.ckpt/.pt/.pth file, or a diffusers SDXL folder", "the output folder",
     )
-    parser.add_argument("src", help="SGM-layout .safetensors/.ckpt/.pt/.pth file, or a diffusers SDXL folder")
-    parser.add_argument("dst", help="the output folder")
     parser.add_argument(
         "--preset",
         choices=sorted(name for name in PIXEL_SDXL_PRESETS if name != "for_testing"),
@@ -470,4 +468,3 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--tokenizer", default=None, help="CLIP ViT-L tokenizer (folder or Hub id)")
     parser.add_argument("--tokenizer_2", "--tokenizer-2", dest="tokenizer_2", default=None, help="OpenCLIP bigG tokenizer (folder or Hub id)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh patch encoder/decoder")
-    parser.set_defaults(func=_run)

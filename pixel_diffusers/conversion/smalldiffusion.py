@@ -26,7 +26,7 @@ import torch
 from ..models.small import ConditionalMLP, SmallDiT, SmallUNet, TimeInputMLP
 from ..models.small.small_utils import PREDICTION_TYPES
 from .jit import _load
-from .strict import check_converted_state_dict
+from .strict import add_convert_command, check_converted_state_dict, save_converted
 
 __all__ = ["SmallDiffusionConversionReport", "add_subparser", "convert_smalldiffusion_checkpoint"]
 
@@ -255,20 +255,19 @@ def convert_smalldiffusion_checkpoint(
 
 def _cmd_convert(args) -> None:
     overrides = {name: getattr(args, name) for name in ("dropout_prob", "dropout") if getattr(args, name) is not None}
-    model, report = convert_smalldiffusion_checkpoint(
+    converted = convert_smalldiffusion_checkpoint(
         args.src, model_type=args.model_type, prediction_type=args.prediction_type, scaled=args.scaled,
         num_heads=args.num_heads, in_dim=args.in_dim, **overrides,
     )
-    model.save_pretrained(args.dst)
-    print(report)
-    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.dst}")
+    save_converted(*converted, args.dst)
 
 
 def add_subparser(subparsers) -> None:
     """Adds `smalldiffusion` to the `pixel-diffusers convert` sub-commands (`subparsers` of `convert`)."""
-    sub = subparsers.add_parser("smalldiffusion", help="a smalldiffusion model's state dict (torch.save / safetensors)")
-    sub.add_argument("src", help="the saved state dict")
-    sub.add_argument("dst", help="the folder to save the converted model to")
+    sub = add_convert_command(
+        subparsers, "smalldiffusion", "a smalldiffusion model's state dict (torch.save / safetensors)", _cmd_convert,
+        "the saved state dict", "the folder to save the converted model to",
+    )
     sub.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default=None, help="default: read from the keys")
     sub.add_argument("--prediction_type", "--prediction-type", choices=PREDICTION_TYPES, default=None,
                      help="upstream's modifier: x0 = PredX0, v = PredV, flow = PredFlow (default epsilon; flow for a "
@@ -278,4 +277,3 @@ def add_subparser(subparsers) -> None:
     sub.add_argument("--in_dim", "--in-dim", type=int, default=None, help="the U-Net's image size (required for a Unet)")
     sub.add_argument("--dropout_prob", "--dropout-prob", type=float, default=None, help="label dropout of a conditional model (0.1)")
     sub.add_argument("--dropout", type=float, default=None, help="the U-Net's dropout (0.1)")
-    sub.set_defaults(func=_cmd_convert)

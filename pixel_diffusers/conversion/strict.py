@@ -1,7 +1,9 @@
-"""What the upstream-checkpoint converters share: reading a checkpoint file safely, and the strict key check."""
+"""What the upstream-checkpoint converters share: reading a checkpoint file safely, the strict key check and the
+`pixel-diffusers convert <system> SRC DST` command frame."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -66,3 +68,23 @@ def check_converted_state_dict(
     nonfinite = nonfinite_keys(converted)
     if nonfinite:
         raise ValueError(f"Checkpoint {str(src)!r} has tensors holding NaN or inf: {nonfinite}.")
+
+
+def add_convert_command(subparsers, name: str, help: str, run, src_help: str, dst_help: str) -> argparse.ArgumentParser:
+    """Adds `pixel-diffusers convert <name> SRC DST` running `run(args)` to `subparsers` (those of `convert`) and
+    returns its parser, for the converter's own flags."""
+    parser = subparsers.add_parser(name, help=help)
+    parser.add_argument("src", help=src_help)
+    parser.add_argument("dst", help=dst_help)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def save_converted(converted, report, dst: str | Path) -> None:
+    """Saves a converted model (or pipeline) to `dst` with `save_pretrained`, then prints the conversion report and
+    what was saved, with its parameter count."""
+    converted.save_pretrained(dst)
+    print(report)
+    modules = [converted] if isinstance(converted, torch.nn.Module) else converted.components.values()
+    count = sum(p.numel() for module in modules if isinstance(module, torch.nn.Module) for p in module.parameters())
+    print(f"saved {type(converted).__name__} ({count:,} parameters) to {dst}")
