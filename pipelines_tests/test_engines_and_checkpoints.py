@@ -10,9 +10,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils.other import load
 
 from pixel_diffusers.training_utils import CheckpointManager, Engine, ShardedEMA, TrainingState
-from pixel_diffusers.training_utils.checkpointing import assert_no_unsafe_pickle, check_resumable
+from pixel_diffusers.training_utils.checkpointing import check_resumable, load_data_only
 from pixel_diffusers.training_utils.engines import check_launch, requested_engine
 from pixel_diffusers.training_utils.loop import check_engine_options
 
@@ -149,10 +150,24 @@ def test_a_tampered_raw_pickle_index_is_refused(tmp_path):
     MARKER.unlink(missing_ok=True)
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(ValueError, match="not plain data"):
-        assert_no_unsafe_pickle(tmp_path / ".metadata")
+        load_data_only(tmp_path / ".metadata")
     assert not MARKER.exists()
-    (tmp_path / "plain.metadata").write_bytes(pickle.dumps({"size": torch.Size([2, 3]), "dtype": torch.float32}))
-    assert_no_unsafe_pickle(tmp_path / "plain.metadata")
+    plain = {"size": torch.Size([2, 3]), "dtype": torch.float32}
+    (tmp_path / "plain.metadata").write_bytes(pickle.dumps(plain))
+    assert load_data_only(tmp_path / "plain.metadata") == plain
+    (tmp_path / "run.json").write_text("{}")
+    assert load_data_only(tmp_path / "run.json") is None
+
+
+def test_resume_reads_each_pickled_file_once_before_accelerate(accelerator, tmp_path, monkeypatch):
+    manager, path, ema, state = _checkpoint(accelerator, tmp_path)
+    loads, torch_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *args, **kwargs: loads.append(Path(getattr(f, "name", f)).name)
+                        or torch_load(f, *args, **kwargs))
+    manager.resume(accelerator, "latest", {"state": state}, ema, Engine.of(accelerator))
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pkl"))
+    assert pickled == ["optimizer.bin", "random_states_0.pkl"]
+    assert loads[: len(pickled)] == pickled and sorted(loads[len(pickled):]) == pickled  # ours first, then accelerate's
 
 
 def test_a_missing_rng_state_or_training_state_is_an_error(accelerator, tmp_path):
@@ -161,7 +176,15 @@ def test_a_missing_rng_state_or_training_state_is_an_error(accelerator, tmp_path
     with pytest.raises(ValueError, match="training_state.json is missing or unreadable"):
         manager.resume(accelerator, "latest", {"state": state}, ema, Engine.of(accelerator))
     (tmp_path / "moved.json").rename(path / "training_state.json")
-    (path / "random_states_0.pkl").unlink()
+    rng = path / "random_states_0.pkl"
+    saved = load(rng)
+    torch.save({k: v for k, v in saved.items() if k != "torch_manual_seed"}, rng)
+    with pytest.raises(ValueError, match="lacks \\['torch_manual_seed'\\]: the resumed run could not continue exactly"):
+        manager.resume(accelerator, "latest", {"state": state}, ema, Engine.of(accelerator))
+    rng.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="unreadable .*could not continue exactly"):
+        manager.resume(accelerator, "latest", {"state": state}, ema, Engine.of(accelerator))
+    rng.unlink()
     with pytest.raises(FileNotFoundError, match="could not continue exactly"):
         manager.resume(accelerator, "latest", {"state": state}, ema, Engine.of(accelerator))
 

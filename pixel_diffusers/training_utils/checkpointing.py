@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import io
 import json
 import logging
 import os
@@ -145,14 +144,15 @@ class CheckpointManager:
         same_world = run["world_size"] == accelerator.num_processes
         if engine is not None:
             check_resumable(run, engine)
+        rng, rng_states = path / f"random_states_{accelerator.process_index}.pkl", None
         for file in sorted(path.rglob("*")):
             if file.is_file():
-                assert_no_unsafe_pickle(file)
+                loaded = load_data_only(file)
+                rng_states = loaded if file == rng else rng_states
         if same_world:
-            rng = path / f"random_states_{accelerator.process_index}.pkl"
             if not rng.is_file():
                 raise FileNotFoundError(f"{rng} is missing: the resumed run could not continue exactly.")
-            _load_rng_state(rng)
+            _check_rng_states(rng, rng_states)
         else:
             logger.warning(
                 "Resuming on %d processes a run saved on %d: weights, optimizer and EMA are resharded; the data "
@@ -219,40 +219,42 @@ def _deepspeed_safe_globals() -> list:
     return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
 
 
-def assert_no_unsafe_pickle(path: Path) -> None:
-    """Raises a ValueError naming `path` when it is a pickle (or a torch zip) needing more than tensors and data.
+def load_data_only(path: Path):
+    """What the pickle (or torch zip) `path` holds, loaded without running code: tensors and plain data only; None for
+    any other file (safetensors, JSON). A file needing more raises a ValueError naming it.
 
-    The data files of a distributed checkpoint (`.distcp`) are skipped: torch reads each item in them with
-    `weights_only=True` itself; their pickled index (`.metadata`) is checked here.
+    The file is opened once: its first bytes say which loader reads it, from the same handle (a torch zip is mapped,
+    so its tensors are not read into memory). The data files of a distributed checkpoint (`.distcp`) are skipped:
+    torch reads each item in them with `weights_only=True` itself; their pickled index (`.metadata`) is loaded here.
     """
     if path.suffix == ".distcp":
-        return
+        return None
     with open(path, "rb") as handle:
         head = handle.read(4)
-    try:
-        if head.startswith(b"PK"):
-            from accelerate.utils.other import TORCH_SAFE_GLOBALS
+        handle.seek(0)
+        try:
+            if head.startswith(b"PK"):
+                from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
-            with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS + _deepspeed_safe_globals()):
-                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        elif head[:1] == b"\x80":
-            with open(path, "rb") as handle:
-                _DataOnlyUnpickler(io.BufferedReader(handle)).load()
-    except Exception as error:
-        raise ValueError(
-            f"Refusing to resume: {path} holds a pickle that is not plain data ({error}). Checkpoints are loaded "
-            "without running code; a file that needs more was not written by this run."
-        ) from error
+                mapped = zipfile.is_zipfile(handle)
+                handle.seek(0)
+                with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS + _deepspeed_safe_globals()):
+                    return torch.load(path if mapped else handle, map_location="cpu", weights_only=True, mmap=mapped)
+            if head[:1] == b"\x80":
+                return _DataOnlyUnpickler(handle).load()
+        except Exception as error:
+            raise ValueError(
+                f"Refusing to resume: {path} holds a pickle that is not plain data ({error}). Checkpoints are loaded "
+                "without running code; a file that needs more was not written by this run."
+            ) from error
+    return None
 
 
-def _load_rng_state(path: Path) -> None:
-    from accelerate.utils.other import load
-
-    try:
-        states = load(path)
-        missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
-    except Exception as error:
-        raise ValueError(f"{path} is unreadable ({error}): the resumed run could not continue exactly.") from error
+def _check_rng_states(path: Path, states) -> None:
+    """`states`, loaded from `path`, must hold the RNG states accelerate restores."""
+    if not isinstance(states, dict):
+        raise ValueError(f"{path} is unreadable (no saved RNG states in it): the resumed run could not continue exactly.")
+    missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}: the resumed run could not continue exactly.")
 
