@@ -17,6 +17,7 @@ from pixel_diffusers.training_utils import (
     DINOv3Features,
     FrequencyLoss,
     ImageCaptionFolder,
+    IndexBatches,
     LossSpikeGuard,
     REPALoss,
     StreamingBucketBatches,
@@ -95,6 +96,22 @@ def test_sampler_resumes_with_exactly_the_next_batch():
     assert [next(other) for _ in range(4)] != first[:4]
     with pytest.raises(ValueError, match="seed"):
         restored.load_state_dict({"epoch": 0, "batches_done": 0, "seed": 9})
+
+
+@pytest.mark.parametrize("num_items, batch_size, replicas", [(10, 3, 1), (7, 4, 2), (3, 8, 2), (5, 5, 3)])
+def test_index_batches_deal_each_epochs_permutation_round_robin_and_resume(num_items, batch_size, replicas):
+    steps = 5
+    streams = [IndexBatches(num_items, batch_size, seed=3, num_replicas=replicas, rank=r) for r in range(replicas)]
+    drawn = [[stream.next() for _ in range(steps)] for stream in streams]
+    epochs = range(-(-steps * batch_size * replicas // num_items))  # (3, 8, 2): one batch spans several epochs
+    order = [int(i) for e in epochs for i in torch.randperm(num_items, generator=torch.Generator().manual_seed(3 * 7919 + e))]
+    for rank, batches in enumerate(drawn):
+        assert [i for batch in batches for i in batch] == order[rank::replicas][: steps * batch_size]
+        assert all(type(i) is int for batch in batches for i in batch)
+    resumed = IndexBatches(num_items, batch_size, seed=3, num_replicas=replicas, rank=replicas - 1)
+    resumed.load_state_dict(json.loads(json.dumps(streams[-1].state_dict())))
+    assert resumed.state_dict() == {"position": steps * batch_size}
+    assert [resumed.next() for _ in range(3)] == [streams[-1].next() for _ in range(3)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,12 +27,14 @@ class IndexBatches:
         return self._order[1]
 
     def next(self) -> list[int]:
-        batch = []
-        for _ in range(self.batch_size):
-            epoch, offset = divmod(self.position * self.num_replicas + self.rank, self.num_items)
-            batch.append(int(self._permutation(epoch)[offset]))
-            self.position += 1
-        return batch
+        flat = (self.position + torch.arange(self.batch_size)) * self.num_replicas + self.rank
+        epochs, offsets = flat // self.num_items, flat % self.num_items
+        batch = torch.empty_like(flat)
+        for epoch in torch.unique_consecutive(epochs).tolist():  # a batch may run into the next epochs
+            spans = epochs == epoch
+            batch[spans] = self._permutation(epoch)[offsets[spans]]
+        self.position += self.batch_size
+        return batch.tolist()
 
     def __len__(self) -> int:
         """Batches per epoch on each process."""
