@@ -46,7 +46,6 @@ from pixel_diffusers.training_utils import (
     resolve_training_length,
     sample_flow_sigmas,
     sample_validation_grid,
-    save_final_outputs,
     shapes,
 )
 
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None):
         validate=lambda step: sample_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
     )
     grid = sample_grid(pipe, model, ema, args, accelerator, run.state.step, "final")
-    folder = save_final_outputs(pipe, "transformer", model, ema, args, accelerator, grid)
+    folder = run.save_final_outputs(accelerator, args, pipe, "transformer", grid)
     if folder is not None:
         logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, run.state.step,
                     run.state.images_seen, run.state.skipped_files)

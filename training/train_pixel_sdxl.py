@@ -65,7 +65,6 @@ from pixel_diffusers.training_utils import (
     resolve_training_length,
     sample_flow_sigmas,
     sample_validation_grid,
-    save_final_outputs,
     validation_prompts,
 )
 
@@ -238,22 +237,23 @@ def main(argv: list[str] | None = None) -> TrainingState:
         accelerator, args, batches, micro_step, trainable,
         validate=lambda step: sample_validation_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
     )
-    save_outputs(pipe, model, ema, args, accelerator, state)
+    save_outputs(pipe, run, args, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return state
 
 
-def save_outputs(pipe, model, ema, args, accelerator, state) -> None:
-    """Writes the final pipeline (or LoRA) and a sample grid (every process takes part, the main one writes); pushes
-    them when asked."""
-    grid = sample_validation_grid(pipe, model, ema, args, accelerator, state.step, "final")
+def save_outputs(pipe, run, args, accelerator) -> None:
+    """Writes the final pipeline (or LoRA) of `run` and a sample grid (every process takes part, the main one writes);
+    pushes them when asked."""
+    state = run.state
+    grid = sample_validation_grid(pipe, run.unwrapped, run.ema, args, accelerator, state.step, "final")
     card = {}
     if grid is not None:
         resolution = args.validation_resolution or args.min_resolution
         card = {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
 
-    folder = save_final_outputs(pipe, "unet", model, ema, args, accelerator, grid, card)
+    folder = run.save_final_outputs(accelerator, args, pipe, "unet", grid, card)
     if folder is None:
         return
     logger.info("Saved %s after %d steps (%d images, %d skipped files).", folder, state.step, state.images_seen,

@@ -52,7 +52,6 @@ from pixel_diffusers.training_utils import (
     parse_args,
     read_text_items,
     resolve_training_length,
-    save_final_outputs,
 )
 
 logger = logging.getLogger("train_pixeldlm")
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> TrainingState:
     run.train(accelerator, args, batches, micro_step, [p for p in transformer.parameters() if p.requires_grad],
               validate=validate)
     accuracy = validate(run.state.step)  # with the EMA weights, as saved
-    folder = save_final_outputs(pipe, "transformer", model, ema, args, accelerator, card_fields={"exact_match": accuracy})
+    folder = run.save_final_outputs(accelerator, args, pipe, "transformer", card_fields={"exact_match": accuracy})
     if folder is not None:
         result = {"step": run.state.step, "exact_match": accuracy, "num_items": len(pairs)}
         (Path(args.output_dir) / "exact_match.json").write_text(json.dumps(result))

@@ -45,7 +45,6 @@ from pixel_diffusers.training_utils import (
     resolve_training_length,
     sample_flow_sigmas,
     sample_validation_grid,
-    save_final_outputs,
     validation_prompts,
 )
 
@@ -199,25 +198,25 @@ def main(argv: list[str] | None = None) -> TrainingState:
             pipe, model, ema, args, accelerator, step, f"step-{step}", max_sequence_length=args.max_sequence_length
         ),
     )
-    save_outputs(pipe, model, ema, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator, run)
+    save_outputs(pipe, run, repa_loss and accelerator.unwrap_model(repa_loss), args, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return state
 
 
-def save_outputs(pipe, model, ema, repa_loss, args, accelerator, run) -> None:
-    """Writes the final pipeline (or LoRA), the REPA projector and a sample grid (every process takes part, the main
-    one writes); pushes them when asked."""
+def save_outputs(pipe, run, repa_loss, args, accelerator) -> None:
+    """Writes the final pipeline (or LoRA) of `run`, the REPA projector and a sample grid (every process takes part,
+    the main one writes); pushes them when asked."""
     state = run.state
     grid = sample_validation_grid(
-        pipe, model, ema, args, accelerator, state.step, "final", max_sequence_length=args.max_sequence_length
+        pipe, run.unwrapped, run.ema, args, accelerator, state.step, "final", max_sequence_length=args.max_sequence_length
     )
     card = {}
     if grid is not None:
         resolution = args.validation_resolution or args.min_resolution
         card = {"height": resolution, "width": resolution, "prompt": validation_prompts(args)[0]}
 
-    folder = save_final_outputs(pipe, "transformer", model, ema, args, accelerator, grid, card)
+    folder = run.save_final_outputs(accelerator, args, pipe, "transformer", grid, card)
     if repa_loss is not None:
         projector = run.engine.full_state_dict(repa_loss.projector, keep=accelerator.is_main_process)
         if accelerator.is_main_process:

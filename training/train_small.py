@@ -36,7 +36,6 @@ from pixel_diffusers.training_utils import (
     make_accelerator,
     parse_args as parse_training_args,
     resolve_training_length,
-    save_final_outputs,
 )
 
 logger = logging.getLogger("train_small")
@@ -129,7 +128,7 @@ def main(argv=None):
         return {"loss": loss.detach(), "images": len(x0)}
 
     run.train(accelerator, args, batches, micro_step, [p for p in wrapped.parameters() if p.requires_grad])
-    folder = save_final_outputs(pipe, "model", model, run.ema, args, accelerator)
+    folder = run.save_final_outputs(accelerator, args, pipe, "model")
     if folder is not None and isinstance(dataset, (Swissroll, TreeDataset)):
         quality = evaluate(pipe, dataset, args)
         (folder.parent / "evaluation.json").write_text(json.dumps(quality, indent=2))

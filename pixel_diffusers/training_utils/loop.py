@@ -75,6 +75,12 @@ class TrainingRun:
         extras = {"batches": self.batches, "clipper": self.clipper, "state": self.state}
         return self.checkpoints.save(accelerator, step, extras, self.ema, self.engine)
 
+    def save_final_outputs(self, accelerator, args, pipe, component: str, grid: Path | None = None,
+                           card_fields: dict | None = None) -> Path | None:
+        """`save_final_outputs` of this run's model (with its EMA) as `pipe.<component>`."""
+        return save_final_outputs(pipe, component, self.unwrapped, self.ema, args, accelerator, grid, card_fields,
+                                  self.engine)
+
 
 def check_engine_options(args, engine: Engine, extra_modules=()) -> None:
     """Refuses, naming the flag and the engine, what a run asks for and its engine cannot do.
@@ -218,6 +224,7 @@ def ema_weights(ema: ShardedEMA | None):
 
 def save_final_outputs(
     pipe, component: str, model, ema, args, accelerator, grid: Path | None = None, card_fields: dict | None = None,
+    engine: Engine | None = None,
 ) -> Path | None:
     """Writes the run's result and pushes it when `args.push_to_hub`; every process calls it, the main one writes.
 
@@ -229,7 +236,7 @@ def save_final_outputs(
     `samples.png` and the model card carries the training configuration. Returns the folder on the main process, None
     elsewhere.
     """
-    engine = Engine.of(accelerator)
+    engine = engine or Engine.of(accelerator)
     averaged = ema.full_state() if ema is not None else None
     full = engine.full_state_dict(model, averaged, keep=accelerator.is_main_process)
     if not accelerator.is_main_process:
