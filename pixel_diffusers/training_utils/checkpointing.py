@@ -223,8 +223,8 @@ def load_data_only(path: Path):
     """What the pickle (or torch zip) `path` holds, loaded without running code: tensors and plain data only; None for
     any other file (safetensors, JSON). A file needing more raises a ValueError naming it.
 
-    The file is opened once: its first bytes say which loader reads it, from the same handle (a torch zip is mapped,
-    so its tensors are not read into memory). The data files of a distributed checkpoint (`.distcp`) are skipped:
+    The file is read once: the loader its first bytes call for reads it through the same handle, except a torch zip,
+    which torch maps from the path (its tensors are not read into memory). The data files of a distributed checkpoint (`.distcp`) are skipped:
     torch reads each item in them with `weights_only=True` itself; their pickled index (`.metadata`) is loaded here.
     """
     if path.suffix == ".distcp":
