@@ -1,7 +1,7 @@
 """Few-step sampling: error against model calls (NFE) for every solver and time grid, ours and diffusers'.
 
     python benchmarks/bench_samplers.py                        # exact-denoiser oracles only (about a minute)
-    python benchmarks/bench_samplers.py --pipeline checkpoints/shapes-pixelhdm --num_images 32
+    OMP_NUM_THREADS=1 python benchmarks/bench_samplers.py --skip_oracles --pipeline checkpoints/shapes-pixelhdm --num_images 16
 
 Oracles (the denoiser is exact, only the solver errs): a 64-D Gaussian with per-dimension spreads 0.05 to 1, and
 mixtures of 8 isotropic Gaussians in 2-D and 16-D with unequal weights and component spread 0.05 (small against the
@@ -240,8 +240,10 @@ def pipeline_table(args) -> dict:
     configs = {
         "heun linear (40 NFE)": ({**base, "solver": "heun", "time_grid": "linear"}, (39,)),
         "heun linear": ({**base, "solver": "heun", "time_grid": "linear"}, args.pipeline_nfes),
-        "dpmpp_3m linear": ({**base, "solver": "dpmpp_3m", "time_grid": "linear"}, args.pipeline_nfes),
         "unipc linear": ({**base, "solver": "unipc", "time_grid": "linear"}, args.pipeline_nfes),
+        "unipc karras 0.5": ({**base, "solver": "unipc", "time_grid": "karras", "rho": 0.5}, args.pipeline_nfes),
+        "dpmpp_3m log_snr": ({**base, "solver": "dpmpp_3m", "time_grid": "log_snr"}, args.pipeline_nfes),
+        "dpmpp_2m log_snr": ({**base, "solver": "dpmpp_2m", "time_grid": "log_snr"}, args.pipeline_nfes),
     }
     if args.calibrate:
         calibration_call = {**call, "prompt": call["prompt"][: args.calibration_images]}

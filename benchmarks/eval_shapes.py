@@ -2,11 +2,14 @@
 """Prompt adherence on the synthetic shapes set, scored by pixel classifiers (no learned judge).
 
     python benchmarks/eval_shapes.py --pipeline shapes-pixelhdm/pipeline --num_images 64
+    python benchmarks/eval_shapes.py --pipeline checkpoints/shapes-pixelhdm --solver heun --time_grid linear --num_inference_steps 20
 
 Text-to-image pipelines get prompts "a <colour> <shape> on a <background> background" cycling over every
 combination, the held-out ones included; class-conditional pipelines (a `class_labels` argument) get the class of
 each trained (shape, colour) pair (a held-out pair's label was never trained). Prints JSON: color_accuracy,
 shape_accuracy, class_accuracy (both right), background_accuracy (text only) and the same on held-out combinations.
+Sampling uses the pipeline's own defaults (scheduler and step count) unless ``--num_inference_steps``, ``--solver`` or
+``--time_grid`` say otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from tqdm.auto import tqdm
 
 import pixel_diffusers  # noqa: F401 - registers our pipelines with diffusers
 from diffusers import DiffusionPipeline
+from pixel_diffusers.schedulers import PixelFlowMatchScheduler
+from pixel_diffusers.schedulers.scheduling_pixel_flow import SOLVERS, TIME_GRIDS
 from pixel_diffusers.training_utils import image_grid, shapes
 
 
@@ -84,7 +89,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--pipeline", required=True, help="A saved pipeline folder or Hub id.")
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--solver", choices=SOLVERS, default=None, help="Default: the pipeline scheduler's.")
+    parser.add_argument("--time_grid", choices=TIME_GRIDS, default=None, help="Default: the pipeline scheduler's.")
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -97,6 +104,13 @@ def main(argv=None) -> dict:
 
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead (see `generate`)
+    overrides = {key: value for key, value in (("solver", args.solver), ("time_grid", args.time_grid)) if value}
+    if overrides:
+        if not isinstance(pipe.scheduler, PixelFlowMatchScheduler):
+            raise ValueError(f"--solver and --time_grid need a PixelFlowMatchScheduler, not {type(pipe.scheduler).__name__}.")
+        pipe.scheduler = PixelFlowMatchScheduler.from_config(pipe.scheduler.config, **overrides)
+    if args.num_inference_steps is None:
+        args.num_inference_steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
     class_conditional = "class_labels" in inspect.signature(pipe.__call__).parameters
     combos = shapes.evaluation_prompts(args.num_images, seed=args.seed, include_held_out=not class_conditional)
     images = generate(pipe, combos, args)
@@ -104,6 +118,8 @@ def main(argv=None) -> dict:
         "pipeline": type(pipe).__name__,
         "guidance_scale": args.guidance_scale,
         "num_inference_steps": args.num_inference_steps,
+        "solver": pipe.scheduler.config.get("solver"),
+        "time_grid": pipe.scheduler.config.get("time_grid"),
         **score(images, combos, not class_conditional),
     }
     if args.grid:

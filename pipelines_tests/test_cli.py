@@ -48,6 +48,19 @@ def test_generate_defaults_to_the_training_resolution_with_underscore_flags(tiny
     assert Image.open(tmp_path / "out" / "image_000.png").size == (16, 16)
 
 
+def test_generate_takes_the_pipelines_own_step_count_by_default(tiny_pipe, tmp_path, monkeypatch):
+    from pixel_diffusers.pipelines.pixelhdm import pipeline_pixelhdm
+
+    asked = []
+    retrieve = pipeline_pixelhdm.retrieve_flow_timesteps
+    monkeypatch.setattr(pipeline_pixelhdm, "retrieve_flow_timesteps",
+                        lambda scheduler, steps, *args, **kwargs: asked.append(steps) or retrieve(scheduler, steps, *args, **kwargs))
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    main(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out"), "--height", "16",
+          "--width", "16", "--guidance_scale", "1.0"])
+    assert asked == [pipeline_pixelhdm.DEFAULT_NUM_INFERENCE_STEPS] == [12]
+
+
 def test_errors_are_one_actionable_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--model", "pixel-org/not-in-the-cache", "--output_dir", str(tmp_path)])

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from pixel_diffusers import PixelHDMPipeline
+from pixel_diffusers.pipelines.pixelhdm.pipeline_pixelhdm import DEFAULT_SCHEDULER_CONFIG
 from pixel_diffusers.training_utils import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,8 @@ def test_checkpoint_loads_and_draws_the_prompted_colours():
     pipe = PixelHDMPipeline.from_pretrained(CHECKPOINT)
     pipe.set_progress_bar_config(disable=True)
     assert sum(p.numel() for p in pipe.transformer.parameters()) == 5_891_171
+    # It samples with the measured default (see PixelHDMPipeline's docstring), in the trained range.
+    assert {key: pipe.scheduler.config[key] for key in DEFAULT_SCHEDULER_CONFIG} == DEFAULT_SCHEDULER_CONFIG
     combos = [("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "white", "green")]
     images = pipe([shapes.caption(*c) for c in combos], height=32, width=32, num_inference_steps=10,
                   guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pixel_diffusers import PixelHDMPipeline
+from pixel_diffusers.pipelines.pixelhdm.pipeline_pixelhdm import DEFAULT_SCHEDULER_CONFIG
 from pixel_diffusers.testing import make_tiny_pixelhdm_pipeline
 
 from repo_scripts import load_script
@@ -69,6 +70,7 @@ def test_training_writes_pipeline_samples_tensorboard_and_pushes(train, tmp_path
     )
     assert state.step == 4 and state.images_seen == 16
     pipe = PixelHDMPipeline.from_pretrained(out / "pipeline")
+    assert {key: pipe.scheduler.config[key] for key in DEFAULT_SCHEDULER_CONFIG} == DEFAULT_SCHEDULER_CONFIG
     image = pipe("a red circle", height=32, width=32, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
     for name in ("step-2.png", "step-4.png", "final.png"):

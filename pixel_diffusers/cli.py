@@ -24,15 +24,16 @@ def _generate(pipeline, prompts, args, output: Path) -> list[Path]:
     from .training_utils.config import image_grid
 
     output.mkdir(parents=True, exist_ok=True)
+    steps = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
     images = pipeline(
         prompts,
         negative_prompt=args.negative_prompt,
         height=args.height,
         width=args.width,
-        num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         num_images_per_prompt=args.num_images_per_prompt,
         generator=torch.Generator().manual_seed(args.seed),
+        **steps,
     ).images
     paths = []
     for index, image in enumerate(images):
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--negative_prompt", "--negative-prompt", default=None)
         sub.add_argument("--height", type=int, default=height, help="default: the resolution the model was trained at")
         sub.add_argument("--width", type=int, default=height, help="default: the resolution the model was trained at")
-        sub.add_argument("--num_inference_steps", "--num-inference-steps", "--steps", type=int, default=steps)
+        sub.add_argument("--num_inference_steps", "--num-inference-steps", "--steps", type=int, default=steps,
+                         help="default: the pipeline's own" if steps is None else None)
         sub.add_argument("--guidance_scale", "--guidance-scale", type=float, default=3.0)
         sub.add_argument("--num_images_per_prompt", "--num-images-per-prompt", "--images-per-prompt", type=int, default=1)
         sub.add_argument("--seed", type=int, default=0)
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output_dir", "--output-dir", default="generated")
     generate.add_argument("--dtype", choices=DTYPES, default="float32")
     generate.add_argument("--device", default="cpu")
-    add_sampling_arguments(generate, ["a red circle on a blue background"], None, 20)
+    add_sampling_arguments(generate, ["a red circle on a blue background"], None, None)
     generate.set_defaults(func=cmd_generate)
 
     analytic = commands.add_parser("analytic", help="fit an analytic denoiser on an image folder or dataset and sample it")

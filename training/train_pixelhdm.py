@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from pixel_diffusers import PixelFlowMatchScheduler, PixelHDMPipeline, PixelHDMTransformer2DModel
 from pixel_diffusers.models.transformers.transformer_pixelhdm import PIXELHDM_PRESETS
+from pixel_diffusers.pipelines.pixelhdm.pipeline_pixelhdm import DEFAULT_SCHEDULER_CONFIG
 from pixel_diffusers.training_utils import (
     DINOv3Features,
     FrequencyLoss,
@@ -94,7 +95,7 @@ def load_pipeline(args) -> PixelHDMPipeline:
     elif args.preset is None:
         raise ValueError("Give --pretrained_model_name_or_path or --preset.")
     else:
-        components = {"scheduler": PixelFlowMatchScheduler(solver="heun")}
+        components = {"scheduler": PixelFlowMatchScheduler(**DEFAULT_SCHEDULER_CONFIG)}
     transformer = PixelHDMTransformer2DModel.from_preset(args.preset, **(args.transformer_config or {}))
     components["transformer"] = transformer
     if args.tiny_text_encoder:

@@ -35,12 +35,14 @@ Time grids (``time_grid``), before any shift: ``"linear"`` in sigma from ``sigma
 in lambda; ``"calibrated"``, the knots ``calibrated_sigmas`` found by :func:`calibrate_time_grid` for one model,
 interpolated in ``log(sigma)`` for other step counts.
 
-Which to use (measured by ``benchmarks/bench_samplers.py``, table in the README): with 8 to 16 model calls,
-``unipc``. On exact-denoiser oracles it reaches at 16 calls, on ``karras`` with ``rho=3`` from sigma 1 to 0.02, errors 3
-to 10 times below every diffusers scheduler at the same count; at 8 calls a grid calibrated to the model at that
-count does best. A model trained on a limited noise range keeps its grid inside it: PixelHDM's default
-``linear`` 0.95 -> 0.05 (its trained range), JiT's and pixel-SDXL's ``1 -> 1/N``; a grid that leaves the range
-asks the model where it was never trained.
+Which to use (measured by ``benchmarks/bench_samplers.py``, tables in the README). On exact-denoiser oracles
+``unipc`` on ``karras`` with ``rho=3`` from sigma 1 to 0.02 reaches at 16 calls errors 3 to 10 times below every
+diffusers scheduler at the same count, and at 8 calls a grid calibrated to the oracle does best. A trained model
+differs: on the shapes PixelHDM (guidance 3) grids dense near the first sigma win and those dense near the last lose,
+and ``dpmpp_2m`` on ``log_snr`` (0.95 -> 0.05) is the closest to a 200-call reference at every count from 6 to 20
+calls, as close with 12 as Heun with 39: PixelHDM's default. Measure a model before choosing its grid (or calibrate
+one). A model trained on a limited noise range keeps its grid inside it (PixelHDM 0.95 -> 0.05; JiT's and
+pixel-SDXL's ``1 -> 1/N``): a grid that leaves the range asks the model where it was never trained.
 
 The DPM-Solver++ solvers use ``alpha = 1 - sigma`` and the data-prediction (x0) update
 ``x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) D``. **Deliberate difference from upstream PixelHDM**: its

@@ -49,6 +49,12 @@ class JiTPipeline(StrictPipelineMixin, SequentialOffloadMixin, PixelDiffusersHub
     clean image, classifier-free guidance `v_u + w (v_c - v_u)` with the null class `num_classes`, applied only inside
     the guidance interval of JiT's time `t = 1 - sigma` (`lo < t < hi`, or `t < hi` when `lo = 0`).
 
+    Default sampler: that recipe, Heun with 50 steps (99 transformer calls), kept from upstream because it gives
+    official JiT's images and no trained JiT is measured by `benchmarks/bench_samplers.py`; on the model it does
+    measure (PixelHDM) the grids that win on exact-denoiser oracles lose, so only a measurement on the model itself
+    should replace it (README, "Few-step sampling"). A scheduler with a `karras`, `log_snr` or `calibrated` grid is
+    sampled on that grid instead.
+
     The transformer's x0 is converted to what the scheduler expects in [`~JiTPipeline.x0_to_prediction`], the one
     place that knows both conventions. Deliberate difference from upstream: upstream divides by `max(1 - t, 0.05)`
     when turning x0 into a velocity, also while sampling, so its last steps (t > 0.95) move only part of the way; here

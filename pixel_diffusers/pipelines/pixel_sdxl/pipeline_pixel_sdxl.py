@@ -60,6 +60,11 @@ class PixelSDXLPipeline(StrictPipelineMixin, SequentialOffloadMixin, PixelDiffus
     (`original_size`, `crops_coords_top_left`, `target_size`) is SDXL's, and guidance mixes the two x0 estimates, as
     upstream does.
 
+    Default sampler: upstream's, Euler with the flow shift 3 on `1, (N-1)/N, ..., 1/N` and 30 steps, kept because no
+    trained pixel-space SDXL is measured by `benchmarks/bench_samplers.py` and oracle measurements do not carry over
+    to a model (README, "Few-step sampling"). A scheduler with a `karras`, `log_snr` or `calibrated` grid is sampled
+    on that grid instead.
+
     Differences from the upstream sampler: the conditional and unconditional passes run as one batch (the same
     numbers); the sampler state stays in float32 under half-precision weights.
     """

@@ -81,6 +81,11 @@ class PixelDLMPipeline(StrictPipelineMixin, SequentialOffloadMixin, PixelDiffuse
     fresh noise at every step but the last, its noise fraction i/N rising from 0 to (N-2)/N (0.90 at its 20 steps),
     and returns unclamped values.
 
+    Default sampler: that DDIM (`PixelFlowMatchScheduler(solver="euler")` on that grid) with 50 steps, kept because no
+    trained PixelDLM is measured by `benchmarks/bench_samplers.py` (README, "Few-step sampling"); its answers are read
+    by rounding colours, so fewer steps are worth measuring with `benchmarks/eval_pixeldlm.py`. A scheduler with a
+    `karras`, `log_snr` or `calibrated` grid is sampled on that grid instead.
+
     Classifier-free guidance `x0_u + w (x0_c - x0_u)` (the unconditional pass masks the whole condition) needs a model
     trained with condition dropout (ours: `training/train_pixeldlm.py --condition_dropout`); upstream never drops the
     condition, so keep `guidance_scale=1` with upstream checkpoints.
