@@ -36,3 +36,8 @@ def test_model_card_is_true_and_its_snippet_runs(name, tmp_path, monkeypatch):
     assert "import pixel_diffusers" in snippet
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, f"{name}_model_card", "exec"), {})
+
+
+@pytest.mark.parametrize("name, steps", [("pixelhdm", 12), ("pixel_sdxl", 30)])
+def test_model_card_snippet_samples_with_the_pipelines_default_step_count(name, steps):
+    assert f"num_inference_steps={steps}," in CASES[name][0](seed=0).model_card("user/model").text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.resources
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -159,7 +160,7 @@ class PixelDiffusersHubMixin:
             "pipeline_class": type(self).__name__,
             "components": components,
             "prompt": "a red circle on a blue background",
-            "num_inference_steps": 30,
+            "num_inference_steps": inspect.signature(self.__call__).parameters["num_inference_steps"].default,
             "height": getattr(self, "default_sample_size", 512),
             "width": getattr(self, "default_sample_size", 512),
         }
