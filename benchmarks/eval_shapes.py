@@ -107,7 +107,8 @@ def main(argv=None) -> dict:
     overrides = {key: value for key, value in (("solver", args.solver), ("time_grid", args.time_grid)) if value}
     if overrides:
         if not isinstance(pipe.scheduler, PixelFlowMatchScheduler):
-            raise ValueError(f"--solver and --time_grid need a PixelFlowMatchScheduler, not {type(pipe.scheduler).__name__}.")
+            name = type(pipe.scheduler).__name__
+            raise ValueError(f"--solver and --time_grid need a PixelFlowMatchScheduler, not {name}.")
         pipe.scheduler = PixelFlowMatchScheduler.from_config(pipe.scheduler.config, **overrides)
     if args.num_inference_steps is None:
         args.num_inference_steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default

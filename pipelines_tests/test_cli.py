@@ -53,8 +53,12 @@ def test_generate_takes_the_pipelines_own_step_count_by_default(tiny_pipe, tmp_p
 
     asked = []
     retrieve = pipeline_pixelhdm.retrieve_flow_timesteps
-    monkeypatch.setattr(pipeline_pixelhdm, "retrieve_flow_timesteps",
-                        lambda scheduler, steps, *args, **kwargs: asked.append(steps) or retrieve(scheduler, steps, *args, **kwargs))
+
+    def recording(scheduler, steps, *args, **kwargs):
+        asked.append(steps)
+        return retrieve(scheduler, steps, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_pixelhdm, "retrieve_flow_timesteps", recording)
     tiny_pipe.save_pretrained(tmp_path / "pipe")
     main(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out"), "--height", "16",
           "--width", "16", "--guidance_scale", "1.0"])

@@ -51,8 +51,8 @@ def test_eval_shapes_runs_on_a_saved_pipeline(tmp_path, capsys):
     folder = tmp_path / "pipe"
     make_tiny_pixelhdm_pipeline(seed=0).save_pretrained(folder)
     result = _eval_module().main(
-        ["--pipeline", str(folder), "--num_images", "4", "--num_inference_steps", "2", "--grid", str(tmp_path / "g.png"),
-         "--solver", "euler"]
+        ["--pipeline", str(folder), "--num_images", "4", "--num_inference_steps", "2", "--solver", "euler",
+         "--grid", str(tmp_path / "g.png")]
     )
     assert result["num_images"] == 4 and 0.0 <= result["color_accuracy"] <= 1.0
     assert (result["solver"], result["time_grid"], result["num_inference_steps"]) == ("euler", "linear", 2)
