@@ -59,6 +59,7 @@ from pixel_diffusers.training_utils import (
     build_lpips,
     build_optimizer,
     flow_loss_weights,
+    frozen_models_unpartitioned,
     lr_scheduler_from_args,
     make_accelerator,
     parse_args,
@@ -146,11 +147,6 @@ def main(argv: list[str] | None = None) -> TrainingState:
         raise ValueError("The distillation stages train the default patch encoder/decoder, not the conv ones.")
     accelerator = make_accelerator(args, "train_pixel_sdxl")
     engine = Engine.of(accelerator)
-    if engine.name == "zero3":
-        raise ValueError(
-            "train_pixel_sdxl.py does not run under DeepSpeed ZeRO-3: its frozen CLIP text encoders come out "
-            "partitioned (transformers' ZeRO-3 integration) and cannot encode prompts. Use FSDP2 or ZeRO-1/2."
-        )
     if args.stage != "train" and engine.shards_parameters:
         raise ValueError(
             f"--stage {args.stage} runs the U-Net's patch coders outside its forward, where {engine.name} cannot "
@@ -158,7 +154,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
         )
     set_seed(args.seed)
     device = accelerator.device
-    pipe = load_pipeline(args)
+    with frozen_models_unpartitioned(accelerator):  # the two frozen CLIP text encoders, whole under ZeRO-3
+        pipe = load_pipeline(args)
     if pipe.unet.config.get("sample_size") is None:  # the saved pipeline generates at the training size by default
         pipe.unet.register_to_config(sample_size=args.validation_resolution or args.min_resolution)
         pipe.default_sample_size = pipe.unet.config.sample_size

@@ -40,6 +40,7 @@ from pixel_diffusers.training_utils import (
     build_image_batches,
     build_optimizer,
     flow_loss_weights,
+    frozen_models_unpartitioned,
     lr_scheduler_from_args,
     make_accelerator,
     parse_args,
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
     accelerator = make_accelerator(args, "train_pixelhdm")
     set_seed(args.seed)  # the same fresh weights on every process and every run
     device = accelerator.device
-    pipe = load_pipeline(args)
+    with frozen_models_unpartitioned(accelerator):  # the frozen Qwen3 text encoder, whole under ZeRO-3
+        pipe = load_pipeline(args)
     if pipe.transformer.config.get("sample_size") is None:  # the saved pipeline generates at the training size by default
         pipe.transformer.register_to_config(sample_size=args.validation_resolution or args.min_resolution)
         pipe.default_sample_size = pipe.transformer.config.sample_size
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
     frequency_loss = FrequencyLoss(args.freq_quality, args.freq_loss_weight).to(device) if args.freq_loss_weight else None
     dino = repa_loss = None
     if args.repa_encoder_name_or_path:
-        dino = DINOv3Features.from_pretrained(args.repa_encoder_name_or_path).to(device)
+        with frozen_models_unpartitioned(accelerator):
+            dino = DINOv3Features.from_pretrained(args.repa_encoder_name_or_path).to(device)
         repa_loss = REPALoss(transformer.config.hidden_size, dino.feature_dim, args.repa_weight)
 
     named = list(transformer.named_parameters())

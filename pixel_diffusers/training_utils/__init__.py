@@ -4,7 +4,7 @@ from . import shapes
 from .checkpointing import CheckpointManager, TrainingState
 from .ema import ShardedEMA
 from .index_batches import IndexBatches
-from .engines import Engine
+from .engines import Engine, frozen_models_unpartitioned
 from .config import (
     SAVE_DTYPES,
     add_common_training_args,
@@ -116,6 +116,7 @@ __all__ = [
     "exact_match",
     "expand_braces",
     "flow_loss_weights",
+    "frozen_models_unpartitioned",
     "halve_batch",
     "image_grid",
     "load_image_caption_dataset",

@@ -12,6 +12,7 @@ engines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -187,6 +188,32 @@ class Engine:
             f"gradient_accumulation={accumulation} global_batch={per_process_batch * accumulation * self.num_processes} "
             f"mixed_precision={accelerator.mixed_precision} device={accelerator.device}"
         )
+
+
+@contextlib.contextmanager
+def frozen_models_unpartitioned(accelerator):
+    """Builds and loads the transformers models in the block whole, when the run trains under ZeRO-3; a no-op otherwise.
+
+    accelerate hands the DeepSpeed config of a ZeRO-3 run to transformers (`HfDeepSpeedConfig`) even with
+    `zero3_init_flag: false`, and transformers then creates every model it loads (`from_pretrained`) or builds from a
+    config (`_from_config`, e.g. inside `CLIPTextModelWithProjection`) in `deepspeed.zero.Init`: partitioned into empty
+    placeholders. Only the model given to `accelerator.prepare` is gathered by DeepSpeed, so a frozen text or vision
+    encoder made that way cannot run. Like diffusers' training scripts (which disable zero.Init for their frozen
+    encoders), the scripts load their frozen components in this block. Unlike accelerate's
+    `zero3_init_context_manager(enable=False)`, which leaves transformers' config in place when `zero3_init_flag` is
+    already false, this removes it for the block and restores it after.
+    """
+    config = getattr(accelerator.state.deepspeed_plugin, "dschf", None) if Engine.of(accelerator).name == "zero3" else None
+    if config is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
 
 
 def configure_deepspeed(accelerator, args) -> None:
