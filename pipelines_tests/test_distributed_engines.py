@@ -66,7 +66,6 @@ SCRIPTS = {
         ["--data", "swissroll", "--batch_size", "25", "--num_inference_steps", "2"],
     ),
 }
-LORA_ENGINES = ("ddp", "zero2")  # FSDP2 and ZeRO-3 refuse --lora_rank (see check_engine_options)
 SHARDING = {"ddp": "full", "zero2": "full", "fsdp2": "dtensor", "zero3": "zero3_partition"}
 
 pytest.importorskip("deepspeed")
@@ -100,17 +99,12 @@ def _run(name: str, out: Path, *extra) -> list[str]:
 _REFERENCES = {}
 
 
-def scripts(engine: str) -> list[str]:
-    """The runs each engine takes: FSDP2 and ZeRO-3 refuse LoRA."""
-    return [name for name in SCRIPTS if "lora" not in name or engine in LORA_ENGINES]
-
-
 def reference(engine: str, tmp_path_factory) -> Path:
     """All five scripts trained for STEPS steps under `engine` (one launch, cached for the module)."""
     if engine not in _REFERENCES:
         root = tmp_path_factory.mktemp(f"reference-{engine}")
         (root / "report").mkdir()
-        result = _launch(engine, [_run(name, root / name) for name in scripts(engine)], 29700 + ENGINES.index(engine),
+        result = _launch(engine, [_run(name, root / name) for name in SCRIPTS], 29700 + ENGINES.index(engine),
                          report=root / "report")
         (root / "log.txt").write_text(result.stderr)
         _REFERENCES[engine] = root
@@ -130,8 +124,8 @@ def test_every_script_trains_sharded_as_asked_and_its_pipeline_loads(engine, tmp
     root = reference(engine, tmp_path_factory)
     log = (root / "log.txt").read_text()
     expected = {"ddp": "engine=ddp", "fsdp2": "engine=fsdp2", "zero2": "engine=zero2", "zero3": "engine=zero3"}
-    assert log.count(f"{expected[engine]} world_size=2 per_process_batch=") >= len(scripts(engine))
-    for index, name in enumerate(scripts(engine)):
+    assert log.count(f"{expected[engine]} world_size=2 per_process_batch=") >= len(SCRIPTS)
+    for index, name in enumerate(SCRIPTS):
         for rank in (0, 1):
             report = json.loads((root / "report" / f"{index}-rank{rank}.json").read_text())
             assert report["kinds"] == [SHARDING[engine]], (name, report)
@@ -145,6 +139,7 @@ def test_every_script_trains_sharded_as_asked_and_its_pipeline_loads(engine, tmp
         if "lora" in name:
             assert weights and all("lora_" in key for key in weights)
             assert any(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)  # trained away from zero
+            _assert_adapter_loads(root / name / "lora", weights)
             continue
         pipe = DiffusionPipeline.from_pretrained(root / name / "pipeline")
         assert sum(p.numel() for p in pipe.components[SCRIPTS[name][1].split("/")[1]].parameters()) == sum(
@@ -152,10 +147,26 @@ def test_every_script_trains_sharded_as_asked_and_its_pipeline_loads(engine, tmp
         )
 
 
+def _assert_adapter_loads(folder: Path, weights: dict) -> None:
+    """`load_lora_weights` puts the saved adapter, with its rank and alpha, into a pipeline of the run's shape."""
+    from peft.utils import get_peft_model_state_dict
+
+    from pixel_diffusers import PixelHDMPipeline, PixelHDMTransformer2DModel
+    from pixel_diffusers.testing import make_tiny_pixelhdm_pipeline
+
+    transformer = PixelHDMTransformer2DModel.from_preset("for_testing", patch_size=8)
+    pipe = PixelHDMPipeline(**{**make_tiny_pixelhdm_pipeline().components, "transformer": transformer})
+    pipe.load_lora_weights(folder)
+    adapter = pipe.get_active_adapters()[0]
+    assert (transformer.peft_config[adapter].r, transformer.peft_config[adapter].lora_alpha) == (4, 4)
+    loaded = get_peft_model_state_dict(transformer, adapter_name=adapter)
+    assert len(loaded) == len(weights) and all(torch.equal(v, weights[f"transformer.{k}"]) for k, v in loaded.items())
+
+
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 def test_final_pipelines_match_ddp(engine, tmp_path_factory):
     ddp, sharded = reference("ddp", tmp_path_factory), reference(engine, tmp_path_factory)
-    for name in scripts(engine):
+    for name in SCRIPTS:
         expected, actual = _weights(ddp, name), _weights(sharded, name)
         assert expected.keys() == actual.keys(), name
         # Adam's first steps move each weight by about +-lr whatever its gradient's size, so a weight whose gradient
@@ -169,11 +180,11 @@ def test_final_pipelines_match_ddp(engine, tmp_path_factory):
 def test_every_script_resumes_bitwise_from_a_mid_run_checkpoint(engine, tmp_path_factory):
     root = reference(engine, tmp_path_factory)
     resumed = tmp_path_factory.mktemp(f"resumed-{engine}")
-    for name in scripts(engine):
+    for name in SCRIPTS:
         shutil.copytree(root / name / "checkpoint-1", resumed / name / "checkpoint-1")
-    _launch(engine, [_run(name, resumed / name, "--resume_from_checkpoint", "latest") for name in scripts(engine)],
+    _launch(engine, [_run(name, resumed / name, "--resume_from_checkpoint", "latest") for name in SCRIPTS],
             29710 + ENGINES.index(engine))
-    for name in scripts(engine):
+    for name in SCRIPTS:
         expected, actual = _weights(root, name), _weights(resumed, name)
         assert all(torch.equal(expected[k], actual[k]) for k in expected), name
         ema = [load_file(r / name / f"checkpoint-{STEPS}" / "ema.safetensors") for r in (root, resumed)]

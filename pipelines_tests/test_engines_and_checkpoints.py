@@ -78,10 +78,33 @@ def test_deepspeed_refuses_the_guards_it_cannot_run_naming_flag_and_engine():
     with pytest.raises(ValueError, match="trains a single model"):
         check_engine_options(Namespace(zclip_threshold=0, spike_rollback_every=0), Engine("zero2", 2), (torch.nn.Linear(1, 1),))
     check_engine_options(Namespace(zclip_threshold=2.5, spike_rollback_every=100), Engine("fsdp2", 2), (torch.nn.Linear(1, 1),))
-    for engine in ("fsdp2", "zero3"):
-        with pytest.raises(ValueError, match=f"--lora_rank is not supported under {engine}"):
-            check_engine_options(Namespace(zclip_threshold=0, spike_rollback_every=0, lora_rank=4), Engine(engine, 2))
-    check_engine_options(Namespace(zclip_threshold=0, spike_rollback_every=0, lora_rank=4), Engine("zero2", 2))
+
+
+def test_fsdp2_reshard_lets_writes_into_the_shards_reach_the_next_forward(tmp_path):
+    """After a forward without backward (sampling) FSDP2 keeps its root group whole, as plain tensors: the EMA
+    swapped out of the shards would not reach the next forward, and the final state dict would read freed copies."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root group holds the second layer
+        engine, inputs = Engine("fsdp2", 1), torch.ones(1, 4)
+        with torch.no_grad():
+            model(inputs)
+            engine.reshard(model)
+            for param in model.parameters():
+                engine.local_shard(param).fill_(0.5)
+            assert torch.equal(model(inputs), torch.full((1, 4), 5.5))  # 4 * 0.5 * (4 * 0.5 + 0.5) + 0.5
+            state = engine.full_state_dict(model)  # right after a forward, as the final save after sampling
+        assert all(torch.equal(value, torch.full_like(value, 0.5)) for value in state.values())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_resume_refuses_other_engines_and_deepspeed_world_sizes():

@@ -165,16 +165,36 @@ class Engine:
             return flat[dist.get_rank() * size : (dist.get_rank() + 1) * size].view_as(param.ds_tensor)
         return full.to(param.device)
 
-    def full_state_dict(self, model: torch.nn.Module, overrides: dict | None = None, keep: bool = True) -> dict:
+    def reshard(self, model: torch.nn.Module) -> None:
+        """Frees the whole parameters FSDP2 keeps after a forward without backward (sampling), so that the next
+        forward gathers the shards again.
+
+        FSDP2 leaves the root group of a model unsharded after its forward, until the backward; after a forward under
+        `torch.no_grad` it stays so, and the next forward would reuse those copies: writes into the shards in between
+        (the EMA swapped out after sampling) would be ignored, and the module would hold plain tensors, not DTensors.
+        """
+        if self.name == "fsdp2":
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    def full_state_dict(self, model: torch.nn.Module, overrides: dict | None = None, keep: bool = True,
+                        names: set | None = None) -> dict:
         """The full state dict of `model` on CPU, gathered parameter by parameter (a collective).
 
-        `overrides` replaces the values of some parameters (e.g. their EMA). Processes with `keep=False` take part
+        `overrides` replaces the values of some parameters (e.g. their EMA); `names` limits the result to those
+        entries (a LoRA's adapter weights: the frozen base is never gathered). Processes with `keep=False` take part
         in the gathering but return an empty dict, so only the writer holds a full copy.
         """
+        self.reshard(model)
         params = dict(model.named_parameters())
         overrides = overrides or {}
         state = {}
         for name, value in model.state_dict().items():
+            if names is not None and name not in names:
+                continue
             if name in params and name not in overrides:
                 value = self.gather_full(params[name], self.local_shard(params[name]))
             if keep:

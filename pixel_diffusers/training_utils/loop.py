@@ -88,13 +88,8 @@ def check_engine_options(args, engine: Engine, extra_modules=()) -> None:
     Under DeepSpeed the optimiser steps inside `accelerator.backward` with DeepSpeed's own clipping at
     `--max_grad_norm`, so ZClip (`--zclip_threshold`) cannot adjust the gradients first and a rollback cannot restore
     its partitioned optimiser state (`--spike_rollback_every`); pass 0 for both. DeepSpeed also trains one model per
-    run, so a trained loss module (REPA's projector) needs another engine. LoRA trains under DDP and ZeRO-1/2.
+    run, so a trained loss module (REPA's projector) needs another engine.
     """
-    if getattr(args, "lora_rank", 0) and engine.shards_parameters:
-        raise ValueError(
-            f"--lora_rank is not supported under {engine.name}: gathering a sharded LoRA model for saving is not "
-            "supported yet. A LoRA trains a small part of the weights: train it with DDP or ZeRO-1/2."
-        )
     if engine.is_deepspeed:
         for flag in ("zclip_threshold", "spike_rollback_every"):
             if getattr(args, flag, 0):
@@ -231,17 +226,19 @@ def save_final_outputs(
     The full state dict is gathered from every process, with the EMA weights in place of the trained ones when there
     is an EMA. A full run saves the pipeline to `output_dir/pipeline` (in `args.save_precision`, after which `pipe`
     keeps that precision): under FSDP2 and ZeRO-3 into a fresh, unsharded copy of the model, which then replaces the
-    sharded one in `pipe`. A LoRA run writes the adapter of `component` to `output_dir/lora` with its metadata (rank,
-    alpha, target modules), so that `load_lora_weights` restores the trained scale. The sample grid goes in as
+    sharded one in `pipe`. A LoRA run gathers only the adapter's weights (under every engine) and writes the adapter
+    of `component` to `output_dir/lora` with its metadata (rank, alpha, target modules), so that `load_lora_weights`
+    restores the trained scale. The sample grid goes in as
     `samples.png` and the model card carries the training configuration. Returns the folder on the main process, None
     elsewhere.
     """
     engine = engine or Engine.of(accelerator)
+    lora = getattr(args, "lora_rank", 0)
     averaged = ema.full_state() if ema is not None else None
-    full = engine.full_state_dict(model, averaged, keep=accelerator.is_main_process)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad} if lora else None
+    full = engine.full_state_dict(model, averaged, keep=accelerator.is_main_process, names=trained)
     if not accelerator.is_main_process:
         return None
-    lora = getattr(args, "lora_rank", 0)
     card = {"training_config": training_config_yaml(args), **(card_fields or {})}
     if grid is not None:
         card["sample_grid"] = "samples.png"
@@ -321,6 +318,7 @@ def sample_validation_grid(pipe, model, ema, args, accelerator, step: int, name:
                 **call_kwargs,
             ).images
     finally:
+        Engine.of(accelerator).reshard(model)
         model.train()
     if not accelerator.is_main_process:
         return None
