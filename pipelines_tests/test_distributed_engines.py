@@ -46,7 +46,8 @@ SCRIPTS = {
     ),
     "pixel_sdxl": (
         "train_pixel_sdxl.py", "pipeline/unet/diffusion_pytorch_model.safetensors",
-        ["--preset", "for_testing", "--tiny_text_encoders", "--shapes_dataset_size", "16", "--min_resolution", "32",
+        ["--preset", "for_testing", "--unet_config", '{"layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1]}',
+         "--tiny_text_encoders", "--shapes_dataset_size", "16", "--min_resolution", "32",
          "--max_resolution", "32", "--train_batch_size", "2", "--learning_rate", "1e-3", "--use_ema",
          "--validation_prompts", "a red circle", "--validation_num_inference_steps", "1"],
     ),

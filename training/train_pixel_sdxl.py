@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> TrainingState:
         accelerator.backward(loss)
         return {name: value.detach() for name, value in terms.items()} | {"loss": loss.detach(), "images": batch_size}
 
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    logger.info("Stage %s: %d trainable parameters.", args.stage, sum(p.numel() for p in trainable))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # DeepSpeed's engine lists no parameters
+    logger.info("Stage %s: %d trainable parameters.", args.stage, sum(engine.full_shape(p).numel() for p in trainable))
     run.train(
         accelerator, args, batches, micro_step, trainable,
         validate=lambda step: sample_validation_grid(pipe, model, ema, args, accelerator, step, f"step-{step}"),
