@@ -3,8 +3,8 @@
 accelerate engages FSDP and DeepSpeed only on GPUs, so the runs go through `pixel_diffusers.testing_distributed`,
 which makes the real accelerate / torch / DeepSpeed code paths run on CPU processes; each run reports how much of
 its parameters a process holds, and the tests check that FSDP2 and ZeRO-3 really shard them. One launch per engine
-trains all five tiny configs (sharing the process start-up), a second resumes all five from their first checkpoint,
-and a third is killed with SIGKILL mid-run and resumed.
+trains the tiny configs of all five scripts and a PixelHDM LoRA (sharing the process start-up), a second resumes
+them all from their first checkpoint, and a third is killed with SIGKILL mid-run and resumed.
 """
 
 import json
@@ -26,6 +26,7 @@ ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 STEPS = 3
 TINY_JIT = {"sample_size": 16, "patch_size": 4, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 2,
             "bottleneck_dim": 8, "in_context_len": 2, "in_context_start": 1}
+TINY_SDXL = {"layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1]}  # few modules: fewer collectives
 TINY_DLM = {"sample_size": 8, "patch_size": 2, "hidden_size": 32, "num_layers": 1, "num_attention_heads": 2}
 COMMON = ["--max_train_steps", str(STEPS), "--checkpointing_steps", "1", "--report_to", "none", "--seed", "0"]
 SCRIPTS = {
@@ -46,9 +47,9 @@ SCRIPTS = {
     ),
     "pixel_sdxl": (
         "train_pixel_sdxl.py", "pipeline/unet/diffusion_pytorch_model.safetensors",
-        ["--preset", "for_testing", "--unet_config", '{"layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1]}',
-         "--tiny_text_encoders", "--shapes_dataset_size", "16", "--min_resolution", "32",
-         "--max_resolution", "32", "--train_batch_size", "2", "--learning_rate", "1e-3", "--use_ema",
+        ["--preset", "for_testing", "--unet_config", json.dumps(TINY_SDXL), "--tiny_text_encoders",
+         "--shapes_dataset_size", "16", "--min_resolution", "32", "--max_resolution", "32", "--train_batch_size", "2",
+         "--learning_rate", "1e-3", "--use_ema",
          "--validation_prompts", "a red circle", "--validation_num_inference_steps", "1"],
     ),
     "jit": (
@@ -101,7 +102,7 @@ _REFERENCES = {}
 
 
 def reference(engine: str, tmp_path_factory) -> Path:
-    """All five scripts trained for STEPS steps under `engine` (one launch, cached for the module)."""
+    """Every run of SCRIPTS trained for STEPS steps under `engine` (one launch, cached for the module)."""
     if engine not in _REFERENCES:
         root = tmp_path_factory.mktemp(f"reference-{engine}")
         (root / "report").mkdir()

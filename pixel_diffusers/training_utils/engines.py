@@ -212,7 +212,7 @@ class Engine:
 
 @contextlib.contextmanager
 def frozen_models_unpartitioned(accelerator):
-    """Builds and loads the transformers models in the block whole, when the run trains under ZeRO-3; a no-op otherwise.
+    """Builds and loads the transformers models in the block whole under ZeRO-3; a no-op under other engines.
 
     accelerate hands the DeepSpeed config of a ZeRO-3 run to transformers (`HfDeepSpeedConfig`) even with
     `zero3_init_flag: false`, and transformers then creates every model it loads (`from_pretrained`) or builds from a
@@ -223,7 +223,8 @@ def frozen_models_unpartitioned(accelerator):
     `zero3_init_context_manager(enable=False)`, which leaves transformers' config in place when `zero3_init_flag` is
     already false, this removes it for the block and restores it after.
     """
-    config = getattr(accelerator.state.deepspeed_plugin, "dschf", None) if Engine.of(accelerator).name == "zero3" else None
+    zero3 = Engine.of(accelerator).name == "zero3"
+    config = getattr(accelerator.state.deepspeed_plugin, "dschf", None) if zero3 else None
     if config is None:
         yield
         return

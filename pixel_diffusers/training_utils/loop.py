@@ -228,9 +228,8 @@ def save_final_outputs(
     keeps that precision): under FSDP2 and ZeRO-3 into a fresh, unsharded copy of the model, which then replaces the
     sharded one in `pipe`. A LoRA run gathers only the adapter's weights (under every engine) and writes the adapter
     of `component` to `output_dir/lora` with its metadata (rank, alpha, target modules), so that `load_lora_weights`
-    restores the trained scale. The sample grid goes in as
-    `samples.png` and the model card carries the training configuration. Returns the folder on the main process, None
-    elsewhere.
+    restores the trained scale. The sample grid goes in as `samples.png` and the model card carries the training
+    configuration. Returns the folder on the main process, None elsewhere.
     """
     engine = engine or Engine.of(accelerator)
     lora = getattr(args, "lora_rank", 0)
