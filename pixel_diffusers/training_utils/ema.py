@@ -59,12 +59,14 @@ class ShardedEMA:
                 local = self.engine.local_shard(param)
                 saved[name] = local.clone()
                 local.copy_(self.shadow[name])
+                self.engine.refresh_whole(param)
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, param in self.params.items():
                     self.engine.local_shard(param).copy_(saved[name])
+                    self.engine.refresh_whole(param)
 
     def state_dict(self) -> dict:
         """This process's shards and step (for in-memory snapshots; checkpoints use `save`)."""

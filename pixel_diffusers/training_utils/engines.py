@@ -129,6 +129,17 @@ class Engine:
             return param.ds_tensor
         return param.data
 
+    def refresh_whole(self, param: torch.Tensor) -> None:
+        """After a write into `local_shard(param)`: under ZeRO-3, copies the new value into the whole parameter
+        DeepSpeed keeps for the small ones (a collective where it applies; every process calls it in the same order).
+
+        DeepSpeed keeps the parameters below `stage3_param_persistence_threshold` (biases, norms, small layers) whole
+        after the first optimiser step and computes with that copy, so a write into their partitions alone (the EMA
+        swapped in for sampling) would not reach the forward.
+        """
+        if self.name == "zero3" and param.ds_persist and param.data.numel() == param.ds_numel:
+            param.data.copy_(self.gather_full(param, param.ds_tensor))
+
     def full_shape(self, param: torch.Tensor) -> torch.Size:
         """The shape of the whole parameter (ZeRO-3 leaves an empty placeholder in the module)."""
         return param.ds_shape if self.name == "zero3" else param.shape
