@@ -172,10 +172,11 @@ def test_final_pipelines_match_ddp(engine, tmp_path_factory):
         expected, actual = _weights(ddp, name), _weights(sharded, name)
         assert expected.keys() == actual.keys(), name
         # Adam's first steps move each weight by about +-lr whatever its gradient's size, so a weight whose gradient
-        # is ~0 can move the other way under another reduction order: up to ~2 lr for a few weights, tiny on average.
+        # is ~0 can move the other way under another reduction order; on these runs that stays below 0.15 lr. A sampling
+        # forward whose weights leaked into training (FSDP2's root group, ZeRO-3's whole copies) moved them ~1 lr.
         lr = float(SCRIPTS[name][2][SCRIPTS[name][2].index("--learning_rate") + 1]) if "--learning_rate" in SCRIPTS[name][2] else 1e-4
         differences = torch.cat([(actual[k] - expected[k]).abs().flatten() for k in expected])
-        assert differences.max() <= 2.5 * lr and differences.mean() <= 1e-4, (name, differences.max(), differences.mean())
+        assert differences.max() <= 0.5 * lr and differences.mean() <= 1e-6, (name, differences.max(), differences.mean())
 
 
 @pytest.mark.parametrize("engine", ENGINES)

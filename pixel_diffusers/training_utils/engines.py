@@ -130,14 +130,15 @@ class Engine:
         return param.data
 
     def refresh_whole(self, param: torch.Tensor) -> None:
-        """After a write into `local_shard(param)`: under ZeRO-3, copies the new value into the whole parameter
-        DeepSpeed keeps for the small ones (a collective where it applies; every process calls it in the same order).
+        """After a write into `local_shard(param)`: under ZeRO-3, copies the new value into the whole copy of the
+        parameter when DeepSpeed holds one (a collective then; every process calls it in the same order).
 
-        DeepSpeed keeps the parameters below `stage3_param_persistence_threshold` (biases, norms, small layers) whole
-        after the first optimiser step and computes with that copy, so a write into their partitions alone (the EMA
-        swapped in for sampling) would not reach the forward.
+        DeepSpeed keeps some parameters whole between forwards: those below `stage3_param_persistence_threshold`
+        (biases, norms, small layers) after the first optimiser step, and others it expects to reuse soon
+        (`stage3_max_reuse_distance`). A forward computes with that copy, so a write into the partitions alone (the EMA
+        swapped in for sampling, and out again) would not reach it.
         """
-        if self.name == "zero3" and param.ds_persist and param.data.numel() == param.ds_numel:
+        if self.name == "zero3" and param.data.numel() == param.ds_numel:
             param.data.copy_(self.gather_full(param, param.ds_tensor))
 
     def full_shape(self, param: torch.Tensor) -> torch.Size:
