@@ -1,12 +1,13 @@
 """Per-process memory and step time of PixelHDM training under DDP, FSDP2, ZeRO-2 and ZeRO-3 with two processes.
 
     python benchmarks/bench_distributed.py --presets small default --output bench_distributed.json
+    python benchmarks/bench_distributed.py --presets small default --mixed_precision bf16 --output bench_bf16.json
 
 Each (preset, engine) pair is one `accelerate launch` of two processes with the engine's config from
 `training/configs/accelerate/`. On a machine without GPUs the processes run on CPUs over gloo through
 `pixel_diffusers.testing_distributed` (the real FSDP2 / DeepSpeed code); with GPUs they run as launched. A process
-trains the real transformer of the preset with AdamW on random 32x32 images and text embeddings (fp32, batch 1)
-and reports, right after an optimiser step (gradients still alive):
+trains the real transformer of the preset with AdamW on random 32x32 images and text embeddings (batch 1, fp32
+or accelerate's `--mixed_precision bf16`) and reports, right after an optimiser step (gradients still alive):
 
 - `state_gib`: the bytes of every live tensor storage of the process (parameters, gradients, optimiser state and the
   engine's flat copies of them; each storage counted once), the memory the engine decides how to spend;
@@ -119,12 +120,12 @@ def worker(preset: str, steps: int, output: str) -> None:
     accelerator.end_training()
 
 
-def launch(engine: str, preset: str, steps: int, port: int) -> list[dict]:
+def launch(engine: str, preset: str, steps: int, port: int, mixed_precision: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         output = str(Path(folder) / "result")
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(REPO / "training" / "configs" / "accelerate" / f"{engine}.yaml"), "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(port)]
+                   "--num_machines", "1", "--mixed_precision", mixed_precision, "--main_process_port", str(port)]
         if not torch.cuda.is_available():
             command += ["-m", "pixel_diffusers.testing_distributed"]
         command += [__file__, "--worker", "--preset", preset, "--steps", str(steps), "--output", output]
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["small", "default"])
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--output", default="bench_distributed.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -150,9 +152,10 @@ def main() -> None:
     rows = []
     for preset in args.presets:
         for index, engine in enumerate(args.engines):
-            ranks = launch(engine, preset, args.steps, 29800 + index)
+            ranks = launch(engine, preset, args.steps, 29800 + index, args.mixed_precision)
             rows.append({
-                "preset": preset, "engine": engine, "parameters": ranks[0]["parameters"],
+                "preset": preset, "engine": engine, "mixed_precision": args.mixed_precision,
+                "parameters": ranks[0]["parameters"],
                 "state_gib": max(r["state_gib"] for r in ranks), "buckets_gib": max(r["buckets_gib"] for r in ranks),
                 "peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
                 "step_s": max(r["step_s"] for r in ranks),
