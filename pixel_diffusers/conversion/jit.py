@@ -42,7 +42,14 @@ from ..models.transformers.transformer_jit import (
     _rope_angles,
     split_fused_attention,
 )
-from .strict import add_convert_command, check_converted_state_dict, read_checkpoint, save_converted
+from .strict import (
+    WRAPPER_PREFIXES,
+    add_convert_command,
+    check_converted_state_dict,
+    read_checkpoint,
+    save_converted,
+    strip_wrapper_prefixes,
+)
 
 __all__ = [
     "JiTConversionReport",
@@ -98,7 +105,7 @@ _PR13098_RENAMES = [
 _PR13098_CONFIG = ("sample_size", "patch_size", "in_channels", "hidden_size", "num_layers", "num_attention_heads",
                    "mlp_ratio", "num_classes", "bottleneck_dim", "in_context_len", "in_context_start", "dropout")
 
-_WRAPPER_PREFIXES = {"_orig_mod.": "torch.compile", "module.": "DistributedDataParallel", "net.": "JiT's Denoiser"}
+_WRAPPER_PREFIXES = {**WRAPPER_PREFIXES, "net.": "JiT's Denoiser"}
 
 # Upstream presets by width: (heads, in-context start). Neither is stored in any tensor.
 _HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 16, 1664: 16}
@@ -141,14 +148,6 @@ def _load(src: Path) -> tuple[dict, str]:
 
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
-
-
-def _strip(state: dict, notes: list[str]) -> dict:
-    for prefix, wrapper in _WRAPPER_PREFIXES.items():
-        if state and all(key.startswith(prefix) for key in state):
-            notes.append(f"stripped the '{prefix}' prefix that {wrapper} adds to every key.")
-            state = {key[len(prefix) :]: value for key, value in state.items()}
-    return state
 
 
 def _rename(key: str, rules) -> str:
@@ -334,7 +333,7 @@ def convert_jit_checkpoint(
     obj, kind = _load(src)
     args = None
     if kind == "torch" and "model" in obj and not _is_state_dict(obj):
-        model_state = _strip(dict(obj["model"]), notes)
+        model_state = strip_wrapper_prefixes(dict(obj["model"]), notes, _WRAPPER_PREFIXES)
         args = obj.get("args")
         if weights == "model":
             state, description = model_state, "training weights (model)"
@@ -343,10 +342,10 @@ def convert_jit_checkpoint(
             if ema is None:
                 raise ValueError(f"weights={weights!r} but the checkpoint has no 'model_{weights}'; keys: {sorted(obj)}.")
             # The EMA dicts hold parameters only; buffers (RoPE tables) come from `model`.
-            state = {**model_state, **_strip(dict(ema), [])}
+            state = {**model_state, **strip_wrapper_prefixes(dict(ema), [], _WRAPPER_PREFIXES)}
             description = f"EMA weights (model_{weights})"
     elif _is_state_dict(obj):
-        state, description = _strip(dict(obj), notes), f"{kind} state dict"
+        state, description = strip_wrapper_prefixes(dict(obj), notes, _WRAPPER_PREFIXES), f"{kind} state dict"
     else:
         raise ValueError(f"The checkpoint holds no 'model' and is not a state dict; top-level keys: {sorted(obj)}.")
 
@@ -399,7 +398,7 @@ def convert_pixeldlm_checkpoint(
         state, description = obj, f"{kind} state dict"
     else:
         raise ValueError(f"The checkpoint holds no 'model_state_dict' and is not a state dict; keys: {sorted(obj)}.")
-    state = _strip(dict(state), notes)
+    state = strip_wrapper_prefixes(dict(state), notes, _WRAPPER_PREFIXES)
     loss_buffers = sorted(key for key in state if key.startswith("freq_loss_fn."))
     for key in loss_buffers:
         del state[key]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..models.transformers.transformer_pixelhdm import PIXELHDM_PRESETS, PixelHDMTransformer2DModel
-from .strict import check_converted_state_dict, read_checkpoint
+from .strict import check_converted_state_dict, read_checkpoint, strip_wrapper_prefixes
 
 __all__ = ["PixelHDMConversionReport", "convert_pixelhdm_checkpoint"]
 
@@ -62,9 +62,6 @@ _LEFTOVERS = {
     "_dino_encoder.": "upstream T2I wrapper's DINOv3 encoder (used only for the REPA training loss)",
     "_dino_projector.": "upstream T2I wrapper's unused DINO feature projector",
 }
-
-# Wrappers that prefix every key.
-_WRAPPER_PREFIXES = {"_orig_mod.": "torch.compile", "module.": "DistributedDataParallel"}
 
 # Upstream `PixelHDMConfig` defaults for the fields that shape the network.
 _UPSTREAM_DEFAULTS = {
@@ -177,14 +174,6 @@ def _select_weights(obj: dict, use_ema: bool, notes: list[str]) -> tuple[dict, s
         notes.append("use_ema=False but the checkpoint has no 'model' weights; converted the EMA weights instead.")
         return shadow, "EMA weights (ema.shadow)", None
     return model, "training weights (model)", None
-
-
-def _strip_wrappers(state: dict, notes: list[str]) -> dict:
-    for prefix, wrapper in _WRAPPER_PREFIXES.items():
-        if state and all(key.startswith(prefix) for key in state):
-            notes.append(f"stripped the '{prefix}' prefix that {wrapper} adds to every key.")
-            state = {key[len(prefix) :]: value for key, value in state.items()}
-    return state
 
 
 def _config_from_upstream(upstream: dict, notes: list[str]) -> dict:
@@ -328,9 +317,9 @@ def convert_pixelhdm_checkpoint(
         state, weights, fallback = obj, "safetensors state dict", None
     else:
         state, weights, fallback = _select_weights(obj, use_ema, notes)
-    state = _strip_wrappers(dict(state), notes)
+    state = strip_wrapper_prefixes(dict(state), notes)
     if fallback is not None:
-        fallback = _strip_wrappers(dict(fallback), [])
+        fallback = strip_wrapper_prefixes(dict(fallback), [])
 
     canonical, dropped = _canonicalize(state, notes)
     fallback = _canonicalize(fallback, [])[0] if fallback is not None else None

@@ -26,7 +26,7 @@ import torch
 from ..models.small import ConditionalMLP, SmallDiT, SmallUNet, TimeInputMLP
 from ..models.small.small_utils import PREDICTION_TYPES
 from .jit import _load
-from .strict import add_convert_command, check_converted_state_dict, save_converted
+from .strict import add_convert_command, check_converted_state_dict, save_converted, strip_wrapper_prefixes
 
 __all__ = ["SmallDiffusionConversionReport", "add_subparser", "convert_smalldiffusion_checkpoint"]
 
@@ -163,14 +163,6 @@ def _unet_key(key: str, num_res_blocks: int) -> str:
     return key
 
 
-def _strip_wrappers(state: dict, notes: list[str]) -> dict:
-    for prefix, wrapper in (("_orig_mod.", "torch.compile"), ("module.", "DistributedDataParallel")):
-        if state and all(key.startswith(prefix) for key in state):
-            notes.append(f"stripped the '{prefix}' prefix that {wrapper} adds to every key.")
-            state = {key[len(prefix):]: value for key, value in state.items()}
-    return state
-
-
 def convert_smalldiffusion_checkpoint(
     src: str | Path,
     model_type: str | None = None,
@@ -205,7 +197,7 @@ def convert_smalldiffusion_checkpoint(
     state, _ = _load(src)
     if not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"src={str(src)!r} is not a state dict (a dict of tensors); top-level keys: {sorted(state)[:10]}.")
-    state = _strip_wrappers(dict(state), notes)
+    state = strip_wrapper_prefixes(dict(state), notes)
     detected = _detect(state)
     if model_type is not None and model_type != detected:
         raise ValueError(f"model_type={model_type!r} but the keys are those of a smalldiffusion {detected}.")

@@ -41,6 +41,20 @@ def read_checkpoint(src: str | Path, safe_globals: tuple = ()) -> tuple[object, 
     return obj, "torch"
 
 
+# Wrappers that prefix every key of the state dict they save.
+WRAPPER_PREFIXES = {"_orig_mod.": "torch.compile", "module.": "DistributedDataParallel"}
+
+
+def strip_wrapper_prefixes(state: dict, notes: list[str], prefixes: dict[str, str] = WRAPPER_PREFIXES) -> dict:
+    """`state` without each of `prefixes` (prefix -> the wrapper that adds it) that every key carries, in order; a
+    note per prefix removed."""
+    for prefix, wrapper in prefixes.items():
+        if state and all(key.startswith(prefix) for key in state):
+            notes.append(f"stripped the '{prefix}' prefix that {wrapper} adds to every key.")
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
 def check_converted_state_dict(
     converted: dict[str, torch.Tensor],
     expected: dict[str, torch.Tensor],
