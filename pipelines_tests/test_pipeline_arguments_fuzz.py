@@ -16,15 +16,16 @@ from pixel_diffusers import (
     AnalyticDiffusionPipeline,
     ConditionalMLP,
     GradientEstimationScheduler,
-    JiTPipeline,
-    JiTTransformer2DModel,
-    PixelDLMPipeline,
-    PixelFlowMatchScheduler,
     WienerDenoiser,
 )
 from pixel_diffusers.pipelines.analytic.pipeline_analytic import studio_scheduler
 from pixel_diffusers.pipelines.small import SmallDiffusionPipeline
-from pixel_diffusers.testing import make_tiny_pixel_sdxl_pipeline, make_tiny_pixelhdm_pipeline, make_tiny_tokenizer
+from pixel_diffusers.testing import (
+    make_tiny_jit_pipeline,
+    make_tiny_pixel_sdxl_pipeline,
+    make_tiny_pixeldlm_pipeline,
+    make_tiny_pixelhdm_pipeline,
+)
 
 SETTINGS = settings(
     max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
@@ -126,14 +127,6 @@ def batch_of(kwargs, prompts=1):
     return prompts * (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
 
 
-def perturbed(model, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def pixelhdm():
     pipe = make_tiny_pixelhdm_pipeline(seed=0)
@@ -217,11 +210,7 @@ def test_pixel_sdxl_arguments(pixel_sdxl, drawn):
 
 @pytest.fixture(scope="module")
 def jit():
-    torch.manual_seed(0)
-    model = perturbed(JiTTransformer2DModel(sample_size=16, patch_size=4, hidden_size=32, num_layers=2,
-                                            num_attention_heads=2, bottleneck_dim=8, num_classes=3, in_context_len=2,
-                                            in_context_start=1, id2label={0: "red", 1: "blue", 2: "green"}))
-    pipe = JiTPipeline(model, PixelFlowMatchScheduler(solver="heun", prediction_type="flow_prediction"))
+    pipe = make_tiny_jit_pipeline(seed=0, id2label={0: "red", 1: "blue", 2: "green"})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -246,10 +235,7 @@ def test_jit_arguments(jit, drawn):
 
 @pytest.fixture(scope="module")
 def pixeldlm():
-    torch.manual_seed(0)
-    model = perturbed(JiTTransformer2DModel(architecture="pixeldlm", sample_size=8, patch_size=2, hidden_size=32,
-                                            num_layers=2, num_attention_heads=2))
-    pipe = PixelDLMPipeline(model, PixelFlowMatchScheduler(prediction_type="flow_prediction"), make_tiny_tokenizer())
+    pipe = make_tiny_pixeldlm_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

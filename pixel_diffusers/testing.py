@@ -88,11 +88,13 @@ def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def make_tiny_jit_pipeline(seed: int = 0) -> JiTPipeline:
-    """A `JiTPipeline` with a 16² JiT of 3 classes (two blocks of width 32), random weights from `seed`."""
+def make_tiny_jit_pipeline(seed: int = 0, **transformer_overrides) -> JiTPipeline:
+    """A `JiTPipeline` with a 16² JiT of 3 classes (two blocks of width 32), random weights from `seed`;
+    `transformer_overrides` are config fields that shape no weight (e.g. `id2label`)."""
     torch.manual_seed(seed)
     transformer = JiTTransformer2DModel(sample_size=16, patch_size=4, hidden_size=32, num_layers=2, num_attention_heads=2,
-                                        bottleneck_dim=8, num_classes=3, in_context_len=2, in_context_start=1)
+                                        bottleneck_dim=8, num_classes=3, in_context_len=2, in_context_start=1,
+                                        **transformer_overrides)
     return JiTPipeline(_perturbed(transformer, seed + 1), PixelFlowMatchScheduler(solver="heun"))
 
 
