@@ -164,10 +164,14 @@ def run_loop(scheduler, noise: torch.Tensor, denoise) -> tuple[torch.Tensor, int
 
 
 def oracle_table(oracles: dict, configs: dict, nfes) -> dict:
+    """Per configuration and NFE: the relative RMS error and the share of samples that end nearest another component
+    mean than their reference (a mixture's flow map is nearly discontinuous between components: such a sample costs
+    about the distance between two means, whatever the solver's accuracy elsewhere)."""
     results = {}
     for name, entry in oracles.items():
         oracle = entry["oracle"]
         results[name] = {}
+        reference_component = torch.cdist(entry["reference"], oracle.means).argmin(1)
         for label, make in configs.items():
             row = {}
             for nfe in nfes:
@@ -175,21 +179,23 @@ def oracle_table(oracles: dict, configs: dict, nfes) -> dict:
                 out, calls = run_loop(scheduler, entry["noise"], oracle.denoise)
                 assert calls <= nfe, (label, nfe, calls)  # heun, dpmpp_2s: 2 N - 1 calls
                 error = (out.double() - entry["reference"]).pow(2).mean().sqrt() / oracle.data_std
-                row[nfe] = float(error)
+                wrong = torch.cdist(out.double(), oracle.means).argmin(1) != reference_component
+                row[nfe] = {"error": float(error), "wrong_component": float(wrong.double().mean())}
             results[name][label] = row
     return results
 
 
 def first_nfe_below(row: dict, tolerance: float):
-    return next((nfe for nfe, error in sorted(row.items()) if error <= tolerance), None)
+    return next((nfe for nfe, entry in sorted(row.items()) if entry["error"] <= tolerance), None)
 
 
 def print_oracle_table(results: dict, nfes):
     for name, rows in results.items():
-        print(f"\n{name}: relative error at NFE " + " ".join(f"{n:>8d}" for n in nfes) + "   NFE to 1e-2 / 1e-3")
+        print(f"\n{name}: relative error (% of samples in another component) at NFE "
+              + " ".join(f"{n:>13d}" for n in nfes) + "   NFE to 1e-2 / 1e-3")
         for label, row in rows.items():
-            errors = " ".join(f"{row[n]:8.1e}" for n in nfes)
-            print(f"  {label:34s} {errors}   {first_nfe_below(row, 1e-2)} / {first_nfe_below(row, 1e-3)}")
+            cells = " ".join(f"{row[n]['error']:7.1e} ({100 * row[n]['wrong_component']:3.1f})" for n in nfes)
+            print(f"  {label:34s} {cells}   {first_nfe_below(row, 1e-2)} / {first_nfe_below(row, 1e-3)}")
 
 
 # ---------------------------------------------------------------------------------------------------- pipelines
@@ -208,25 +214,38 @@ def pipeline_denoiser(pipe, call_kwargs: dict):
     return denoise
 
 
+def pipeline_configs(base: dict, hi: float, lo: float) -> dict:
+    """Heun on the pipeline's own grid (the earlier PixelHDM default, JiT's recipe), and each multistep solver on the
+    pipeline's own grid and on the karras rho 0.5 and log-SNR grids over ``hi -> lo`` (log-SNR needs ``hi < 1``)."""
+    grids = {"linear": {"time_grid": "linear"}, "karras 0.5": {"time_grid": "karras", "rho": 0.5}}
+    if hi < 1.0:
+        grids["log_snr"] = {"time_grid": "log_snr"}
+    configs = {"heun linear": {**base, "solver": "heun", "time_grid": "linear"}}
+    for solver in ("unipc", "dpmpp_3m", "dpmpp_2m"):
+        for name, grid in grids.items():
+            configs[f"{solver} {name}"] = {**base, "solver": solver, "sigma_max": hi, "sigma_min": lo, **grid}
+    return configs
+
+
 def pipeline_table(args) -> dict:
     from diffusers import DiffusionPipeline
 
     import pixel_diffusers  # noqa: F401 - registers our pipelines with diffusers
-    from eval_shapes import score
+    from eval_shapes import conditioning, is_class_conditional, score
     from pixel_diffusers.training_utils import shapes
 
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     # from_config would drop the keys a loaded config lists in `_use_default_values`: keep the values only.
     base = {key: value for key, value in pipe.scheduler.config.items() if not key.startswith("_")}
-    combos = shapes.evaluation_prompts(args.num_images, seed=0)
-    call = {
-        "prompt": [shapes.caption(*combo) for combo in combos],
-        "height": args.resolution,
-        "width": args.resolution,
-        "guidance_scale": args.guidance_scale,
-    }
+    hi = base["sigma_max"] if args.sigma_max is None else args.sigma_max
+    lo = base["sigma_min"] if args.sigma_min is None else args.sigma_min
+    text_conditional = not is_class_conditional(pipe)
+    combos = shapes.evaluation_prompts(args.num_images, seed=0, include_held_out=text_conditional)
+    size = {"height": args.resolution, "width": args.resolution, "guidance_scale": args.guidance_scale}
+    call = {**conditioning(pipe, combos), **size}
     noise = torch.randn(args.num_images, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
+    noise = noise * getattr(pipe.transformer.config, "noise_scale", 1.0)  # JiT samples from N(0, noise_scale^2)
 
     def sample(config: dict, nfe: int) -> torch.Tensor:
         pipe.scheduler = PixelFlowMatchScheduler.from_config(config)
@@ -234,34 +253,29 @@ def pipeline_table(args) -> dict:
         return pipe(**call, latents=noise, num_inference_steps=steps, output_type="latent").images
 
     started = time.perf_counter()
-    reference = sample({**base, "solver": "unipc", "time_grid": "karras", "rho": 3.0}, 200)
-    configs = {
-        "heun linear (40 NFE)": ({**base, "solver": "heun", "time_grid": "linear"}, (39,)),
-        "heun linear": ({**base, "solver": "heun", "time_grid": "linear"}, args.pipeline_nfes),
-        "unipc linear": ({**base, "solver": "unipc", "time_grid": "linear"}, args.pipeline_nfes),
-        "unipc karras 0.5": ({**base, "solver": "unipc", "time_grid": "karras", "rho": 0.5}, args.pipeline_nfes),
-        "dpmpp_3m log_snr": ({**base, "solver": "dpmpp_3m", "time_grid": "log_snr"}, args.pipeline_nfes),
-        "dpmpp_2m log_snr": ({**base, "solver": "dpmpp_2m", "time_grid": "log_snr"}, args.pipeline_nfes),
-    }
+    reference = sample({**base, "solver": "unipc", "time_grid": "karras", "rho": 3.0, "sigma_max": hi,
+                        "sigma_min": lo}, 200)
+    configs = {label: (config, args.pipeline_nfes) for label, config in pipeline_configs(base, hi, lo).items()}
+    configs = {"heun linear (40 NFE)": (configs["heun linear"][0], (39,)), **configs}
     if args.calibrate:
-        calibration_call = {**call, "prompt": call["prompt"][: args.calibration_images]}
+        calibration_call = {**conditioning(pipe, combos[: args.calibration_images]), **size}
         calibrated = calibrate_time_grid(
-            PixelFlowMatchScheduler.from_config({**base, "solver": "unipc", "time_grid": "linear"}),
+            PixelFlowMatchScheduler.from_config(configs[args.calibrate][0]),
             pipeline_denoiser(pipe, calibration_call),
             noise[: args.calibration_images],
             num_inference_steps=8,
             reference_steps=100,
-            sweeps=3,
+            max_trials=args.calibration_trials,
         )
-        print("calibrated grid (unipc, 8 NFE):", [round(v, 4) for v in calibrated.config.calibrated_sigmas])
-        configs["unipc calibrated@8"] = (dict(calibrated.config), args.pipeline_nfes)
-    results = {}
+        print(f"calibrated grid ({args.calibrate}, 8 NFE):", [round(v, 4) for v in calibrated.config.calibrated_sigmas])
+        configs[f"{args.calibrate} calibrated@8"] = (dict(calibrated.config), args.pipeline_nfes)
+    results = {"sigma_range": [hi, lo]}
     for label, (config, nfes) in configs.items():
         row = {}
         for nfe in nfes:
             out = sample(config, nfe)
             images = pipe.image_processor.postprocess(out, output_type="pil")
-            adherence = score(images, combos, True)
+            adherence = score(images, combos, text_conditional)
             row[nfe] = {
                 "distance": float((out - reference).pow(2).mean().sqrt()),
                 "class_accuracy": adherence["class_accuracy"],
@@ -307,7 +321,6 @@ def calibrated_config(solver: str, nfe: int):
             noise = torch.randn(16, entry["noise"].shape[1], generator=torch.Generator().manual_seed(1))
             cache[id(entry)] = calibrate_time_grid(
                 start, lambda x, s: entry["oracle"].denoise(x.double(), s).float(), noise, steps_for(solver, nfe),
-                sweeps=3,
             )
         scheduler = PixelFlowMatchScheduler.from_config(cache[id(entry)].config)
         scheduler.set_timesteps(steps_for(solver, n))
@@ -318,14 +331,19 @@ def calibrated_config(solver: str, nfe: int):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num_samples", type=int, default=128, help="Oracle samples per configuration.")
+    parser.add_argument("--num_samples", type=int, default=1024, help="Oracle samples per configuration.")
     parser.add_argument("--pipeline", default=None, help="Also measure this saved flow pipeline (shapes prompts).")
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--pipeline_nfes", type=int, nargs="+", default=[4, 6, 8, 12, 20])
-    parser.add_argument("--calibrate", action="store_true", help="Also calibrate a grid to the pipeline at 8 NFE.")
+    parser.add_argument("--sigma_max", type=float, default=None, help="First sigma of the karras and log-SNR grids on "
+                        "the pipeline (default: its scheduler's sigma_max; JiT starts at 1).")
+    parser.add_argument("--sigma_min", type=float, default=None, help="Their last sigma (default: the scheduler's).")
+    parser.add_argument("--calibrate", default=None, help="Also calibrate this configuration's grid (e.g. "
+                        "'dpmpp_2m log_snr') to the pipeline at 8 NFE.")
     parser.add_argument("--calibration_images", type=int, default=8)
+    parser.add_argument("--calibration_trials", type=int, default=600)
     parser.add_argument("--skip_oracles", action="store_true")
     args = parser.parse_args(argv)
 
@@ -334,8 +352,8 @@ def main(argv=None) -> dict:
         oracles = make_oracles(args.num_samples)
         results["reference_check"] = {name: entry["reference_check"] for name, entry in oracles.items()}
         configs = oracle_configs()
-        for solver in ("dpmpp_3m", "unipc"):
-            configs[f"{solver} calibrated@8"] = calibrated_config(solver, 8)
+        for solver, nfe in (("dpmpp_3m", 8), ("unipc", 8), ("unipc", 16)):
+            configs[f"{solver} calibrated@{nfe}"] = calibrated_config(solver, nfe)
         results["oracles"] = oracle_table(oracles, configs, NFES)
         print_oracle_table(results["oracles"], NFES)
     if args.pipeline:

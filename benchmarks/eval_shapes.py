@@ -31,8 +31,18 @@ from pixel_diffusers.schedulers.scheduling_pixel_flow import SOLVERS, TIME_GRIDS
 from pixel_diffusers.training_utils import image_grid, shapes
 
 
+def is_class_conditional(pipe) -> bool:
+    return "class_labels" in inspect.signature(pipe.__call__).parameters
+
+
+def conditioning(pipe, combos) -> dict:
+    """The call arguments naming each combination: class labels for a class-conditional pipeline, else prompts."""
+    if is_class_conditional(pipe):
+        return {"class_labels": [shapes.class_label(shape, color) for shape, color, _ in combos]}
+    return {"prompt": [shapes.caption(*combo) for combo in combos]}
+
+
 def generate(pipe, combos, args) -> list:
-    class_conditional = "class_labels" in inspect.signature(pipe.__call__).parameters
     images = []
     progress = tqdm(total=len(combos), unit="image", desc="generating", disable=args.quiet)
     for start in range(0, len(combos), args.batch_size):
@@ -44,11 +54,7 @@ def generate(pipe, combos, args) -> list:
             "guidance_scale": args.guidance_scale,
             "generator": torch.Generator().manual_seed(args.seed + start),
         }
-        if class_conditional:
-            kwargs["class_labels"] = [shapes.class_label(shape, color) for shape, color, _ in chunk]
-        else:
-            kwargs["prompt"] = [shapes.caption(*combo) for combo in chunk]
-        images += pipe(**kwargs).images
+        images += pipe(**kwargs, **conditioning(pipe, chunk)).images
         progress.update(len(chunk))
     progress.close()
     return images
@@ -112,7 +118,7 @@ def main(argv=None) -> dict:
         pipe.scheduler = PixelFlowMatchScheduler.from_config(pipe.scheduler.config, **overrides)
     if args.num_inference_steps is None:
         args.num_inference_steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
-    class_conditional = "class_labels" in inspect.signature(pipe.__call__).parameters
+    class_conditional = is_class_conditional(pipe)
     combos = shapes.evaluation_prompts(args.num_images, seed=args.seed, include_held_out=not class_conditional)
     images = generate(pipe, combos, args)
     result = {
