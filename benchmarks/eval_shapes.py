@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import pixel_diffusers  # noqa: F401 - registers our pipelines with diffusers
 from diffusers import DiffusionPipeline
+from pixel_diffusers.pipelines import validation
 from pixel_diffusers.schedulers import PixelFlowMatchScheduler
 from pixel_diffusers.schedulers.scheduling_pixel_flow import SOLVERS, TIME_GRIDS
 from pixel_diffusers.training_utils import image_grid, shapes
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
             raise ValueError(f"--solver and --time_grid need a PixelFlowMatchScheduler, not {name}.")
         pipe.scheduler = PixelFlowMatchScheduler.from_config(pipe.scheduler.config, **overrides)
     if args.num_inference_steps is None:
-        args.num_inference_steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+        args.num_inference_steps = validation.call_default(pipe, "num_inference_steps")
     class_conditional = is_class_conditional(pipe)
     combos = shapes.evaluation_prompts(args.num_images, seed=args.seed, include_held_out=not class_conditional)
     images = generate(pipe, combos, args)
