@@ -100,6 +100,11 @@ def _log_snr(sigma: float) -> float:
     return math.log(alpha) - math.log(sigma)
 
 
+def _sigma_of_log_snr(lam):
+    """The inverse of :func:`_log_snr`: alpha / sigma = e^lambda with alpha = 1 - sigma (scalars or arrays)."""
+    return 1.0 / (1.0 + np.exp(lam))
+
+
 def _data_prediction_step(x: torch.Tensor, d: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """First-order DPM-Solver++ update from sigma to sigma_next with x0 estimate d (exact for a constant d)."""
     ratio = sigma_next / sigma
@@ -431,7 +436,7 @@ class PixelFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             return _karras(hi, lo, config.rho, u)
         if config.time_grid == "log_snr":
             lam = _log_snr(hi) + u * (_log_snr(lo) - _log_snr(hi))
-            return 1.0 / (1.0 + np.exp(lam))  # alpha / sigma = e^lambda with alpha = 1 - sigma
+            return _sigma_of_log_snr(lam)
         if config.time_grid == "calibrated":
             knots = np.asarray(config.calibrated_sigmas, dtype=np.float64)
             return np.exp(np.interp(u, np.linspace(0.0, 1.0, knots.size), np.log(knots)))
@@ -736,7 +741,7 @@ def calibrate_time_grid(
         # Refused: no trials left, a sigma at or above the first, or below sigma_min (beyond float32 rounding).
         if trials >= max_trials or lams[0] <= lam_first or lams[-1] > lam_floor + 1e-6:
             return math.inf
-        sigmas = [grid[0]] + [1.0 / (1.0 + math.exp(value)) for value in lams]
+        sigmas = [grid[0], *_sigma_of_log_snr(np.asarray(lams))]
         if not np.all(np.diff(np.asarray(sigmas, dtype=np.float32)) < 0):  # a gap below float32 resolution
             return math.inf
         trials += 1
@@ -752,13 +757,13 @@ def calibrate_time_grid(
     for _ in range(2):
         if trials >= max_trials:
             break
-        simplex = np.vstack([y, y + 0.5 * np.eye(y.size)])  # half a unit in lambda or in log-gap per knot
+        simplex = np.vstack([y, y + 0.5 * np.eye(y.size)])  # each log-gap half a unit up
         y = minimize(
             lambda point: error(_search_to_lambdas(point, lam_floor)), y, method="Nelder-Mead",
             options={"initial_simplex": simplex, "adaptive": True, "xatol": 1e-3, "fatol": 0.0,
                      "maxfev": max_trials},
         ).x
-    knots = [grid[0]] + [1.0 / (1.0 + math.exp(value)) for value in _search_to_lambdas(y, lam_floor)]
+    knots = [grid[0], *_sigma_of_log_snr(np.asarray(_search_to_lambdas(y, lam_floor)))]
     return PixelFlowMatchScheduler.from_config(
         config, time_grid="calibrated", calibrated_sigmas=[float(v) for v in knots], shift=1.0,
         use_dynamic_shifting=False,
