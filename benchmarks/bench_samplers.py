@@ -255,11 +255,14 @@ def pipeline_table(args) -> dict:
         steps = steps_for(config["solver"], nfe)
         return pipe(**call, latents=noise, num_inference_steps=steps, output_type="latent").images
 
+    configs = {label: (config, args.pipeline_nfes) for label, config in pipeline_configs(base, hi, lo).items()}
+    configs = {"heun linear (40 NFE)": (configs["heun linear"][0], (39,)), **configs}
+    if args.calibrate and args.calibrate not in configs:
+        raise ValueError(f"--calibrate must name one of this pipeline's configurations {sorted(configs)}, got "
+                         f"{args.calibrate!r}.")
     started = time.perf_counter()
     grid = {"time_grid": "karras", "rho": 3.0} if args.reference_grid == "karras" else {"time_grid": "linear"}
     reference = sample({**base, "solver": "unipc", "sigma_max": hi, "sigma_min": lo, **grid}, 200)
-    configs = {label: (config, args.pipeline_nfes) for label, config in pipeline_configs(base, hi, lo).items()}
-    configs = {"heun linear (40 NFE)": (configs["heun linear"][0], (39,)), **configs}
     if args.calibrate:
         calibration_call = {**conditioning(pipe, combos[: args.calibration_images]), **size}
         calibrated = calibrate_time_grid(

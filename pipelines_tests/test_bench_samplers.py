@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from pixel_diffusers.models.transformers.transformer_jit import JiTTransformer2DModel
@@ -48,3 +49,6 @@ def test_pipeline_table_measures_text_and_class_conditional_pipelines(tmp_path, 
         assert all(math.isfinite(entry["distance"]) and 0.0 <= entry["class_accuracy"] <= 1.0
                    for row in rows.values() for entry in row.values())
     assert "dpmpp_2m log_snr calibrated@8" in rows
+    with pytest.raises(ValueError, match="--calibrate must name one of"):  # JiT starts at 1: it has no log-SNR grid
+        bench.main(["--skip_oracles", "--pipeline", str(tmp_path / "jit"), "--num_images", "1", "--resolution", "16",
+                    "--sigma_max", "1", "--calibrate", "dpmpp_2m log_snr"])
